@@ -1,0 +1,193 @@
+"""One typed configuration behind MLproject parameters, CLI flags and YAML files.
+
+Layering: dataclass defaults < YAML file (``config``) < command line. A command-line value
+equal to the built-in default does not override the YAML file, because ``mlflow run`` passes
+every MLproject parameter, given or not, with its declared default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from rockcls.errors import ConfigError
+
+AUGMENTS = ("none", "light", "seed", "winner")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+_TRUE = {"1", "true", "yes", "y", "on"}
+_FALSE = {"0", "false", "no", "n", "off"}
+
+
+def _opt(default: Any, help: str, **checks: Any) -> Any:
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Field metadata holds help text and value checks."""
+
+    data: str = _opt("", "folder with one sub-folder per class, or a CSV with img_path,label")
+    backbone: str = _opt("davit_base", "timm model name")
+    pretrained: bool = _opt(True, "load pretrained weights (timm / Hugging Face hub)")
+    pretrained_path: str = _opt("", "local weights file (.pth/.safetensors) instead of the hub")
+    img_size: int = _opt(224, "training and evaluation resolution (pixels)", min=16)
+    folds: int = _opt(5, "stratified folds; 1 = one holdout split of val_fraction", min=1)
+    val_fraction: float = _opt(0.2, "validation share when folds=1", gt=0.0, lt=1.0)
+    epochs: int = _opt(18, "epochs per fold", min=1)
+    batch_size: int = _opt(32, "micro-batch size", min=1)
+    accumulation_steps: int = _opt(1, "micro-batches per optimizer step", min=1)
+    lr: float = _opt(3e-4, "peak learning rate", gt=0.0)
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _opt(0.05, "weight decay", min=0.0)
+    warmup_epochs: float = _opt(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", min=0.0, lt=1.0)
+    hn_ratio: float = _opt(0.2, "share of each effective batch from the hard-negative memory", min=0.0, max=1.0)
+    hn_memory: int = _opt(1000, "hard-negative memory size (samples)", min=0)
+    balanced_ratio: float = _opt(1.0, "share of the rest drawn class-balanced (rest: uniform)", min=0.0, max=1.0)
+    augment: str = _opt("seed", "augmentation preset", choices=AUGMENTS)
+    amp: str = _opt("auto", "autocast on GPU: auto (bf16 if supported), bf16, fp16, off", choices=AMP_MODES)
+    ema: float = _opt(0.0, "EMA decay of weights, evaluated instead of the raw model; 0 = off", min=0.0, lt=1.0)
+    early_stop: int = _opt(0, "stop a fold after this many epochs without val macro-F1 gain; 0 = off", min=0)
+    grad_clip: float = _opt(1.0, "gradient-norm clipping; 0 = off", min=0.0)
+    num_workers: int = _opt(2, "DataLoader worker processes", min=0)
+    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    seed: int = _opt(42, "seed of the split, sampling and initialisation")
+    experiment: str = _opt("rockcls", "MLflow experiment name")
+    skip_bad_images: bool = _opt(False, "warn and skip unreadable images instead of failing")
+    cache: bool = _opt(True, "decode images once into a resized uint8 cache shared by runs")
+    cache_size: int = _opt(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
+    cache_dir: str = _opt("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
+    output_dir: str = _opt("outputs", "local folder for checkpoints being written (resume reads it)")
+    resume: str = _opt("", "parent run id of an interrupted train run to continue")
+    config: str = _opt("", "YAML file with any of these keys")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+C = TypeVar("C")
+
+
+def _field_map(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls)}
+
+
+def coerce_value(name: str, raw: Any, typ: type) -> Any:
+    """Turn a string / YAML scalar into the field's type, or raise a ConfigError naming it."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{name}: expected true/false, got {raw!r}")
+    if typ is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ConfigError(f"{name}: expected an integer, got {raw!r}")
+        try:
+            return int(raw) if not isinstance(raw, float) else int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: expected a finite number, got {raw!r}")
+        return value
+    if raw is None:
+        return ""
+    return str(raw)
+
+
+def check_value(name: str, value: Any, meta: dict[str, Any]) -> None:
+    """Apply the range / choice checks declared in a field's metadata."""
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{name}: must be one of {', '.join(meta['choices'])}; got {value!r}")
+    bounds = [("min", lambda v, b: v >= b, ">="), ("max", lambda v, b: v <= b, "<="),
+              ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")]
+    for key, ok, sym in bounds:
+        if key in meta and not ok(value, meta[key]):
+            raise ConfigError(f"{name}: must be {sym} {meta[key]}, got {value!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    names = {"int": int, "float": float, "bool": bool, "str": str}
+    return names[f.type] if isinstance(f.type, str) else f.type
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of parameter names to values")
+    return data
+
+
+def build_config(cls: type[C], overrides: dict[str, Any] | None = None) -> C:
+    """Resolve defaults < YAML (``overrides['config']``) < overrides into a checked ``cls``."""
+    fmap = _field_map(cls)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(fmap))
+    if unknown:
+        raise ConfigError(f"unknown parameter {unknown[0]!r} (known: {', '.join(fmap)})")
+    values: dict[str, Any] = {}
+    config_path = overrides.get("config") or ""
+    if config_path:
+        from_yaml = load_yaml(config_path)
+        bad = sorted(set(from_yaml) - set(fmap) - {"config"})
+        if bad:
+            raise ConfigError(f"unknown parameter {bad[0]!r} in {config_path}")
+        values.update({k: coerce_value(k, v, _field_type(fmap[k])) for k, v in from_yaml.items()
+                       if k != "config"})
+    for key, raw in overrides.items():
+        value = coerce_value(key, raw, _field_type(fmap[key]))
+        if key in values and value == fmap[key].default:
+            continue  # an MLproject default must not mask the YAML file
+        values[key] = value
+    cfg = cls(**values)
+    for f in fields(cls):
+        check_value(f.name, getattr(cfg, f.name), dict(f.metadata))
+    return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--name-with-dashes`` (and the ``--name_with_underscores`` form ``mlflow run`` uses)."""
+    for f in fields(cls):
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name}")
+        default = f.default
+        parser.add_argument(*flags, dest=f.name, default=None, metavar=_field_type(f).__name__.upper(),
+                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+
+
+def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:
+    return build_config(cls, {f.name: getattr(ns, f.name, None) for f in fields(cls)})
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ROCKCLS_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rockcls"
+
+
+def save_yaml(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

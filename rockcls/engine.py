@@ -1,0 +1,142 @@
+"""One epoch of training and one pass of evaluation. Returns averaged metrics; never logs or saves."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rockcls.progress import track
+from rockcls.sampling import HardNegativeMemory
+from rockcls.transforms import DeviceAugment, normalize
+
+
+@dataclass
+class StepSettings:
+    """How batches become optimizer steps; derived once from the config by the caller."""
+
+    device: torch.device
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    accumulation_steps: int = 1
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
+def autocast(s: StepSettings):
+    if s.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=s.device.type, dtype=s.amp_dtype)
+
+
+def prepare_batch(x: torch.Tensor, s: StepSettings, augment: DeviceAugment | None = None) -> torch.Tensor:
+    """uint8 batch from the loader -> normalised float on the device (augmented if asked)."""
+    x = x.to(s.device, non_blocking=True)
+    if augment is not None:
+        x = augment(x)
+    x = normalize(x, s.mean, s.std)
+    return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+                    s: StepSettings, *, lr_at: Callable[[int], float], start_step: int,
+                    augment: DeviceAugment | None = None, memory: HardNegativeMemory | None = None,
+                    ema=None, scaler: torch.amp.GradScaler | None = None, desc: str = "train") -> dict:
+    """Train for one pass over ``loader``; update the hard-negative memory after every step."""
+    model.train()
+    step, seen, loss_sum, micro = start_step, 0, 0.0, 0
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    start = time.perf_counter()
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    for x, y, pos in track(loader, total=total, desc=desc):
+        y = y.to(s.device, non_blocking=True)
+        with autocast(s):
+            logits = model(prepare_batch(x, s, augment))
+            losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=s.label_smoothing)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
+        (scaler.scale(loss) if scaler else loss).div(s.accumulation_steps).backward()
+        pending.append((pos, losses.detach().float().cpu(), (logits.argmax(1) != y).cpu()))
+        loss_sum += loss.item() * len(y)
+        seen += len(y)
+        micro += 1
+        if micro % s.accumulation_steps == 0:
+            _optimizer_step(model, optimizer, s, scaler, lr_at(step))
+            step += 1
+            if ema is not None:
+                ema.update(model, step=step)
+            _update_memory(memory, pending)
+            pending = []
+    if pending:  # a trailing partial accumulation still counts as a step
+        _optimizer_step(model, optimizer, s, scaler, lr_at(step))
+        step += 1
+        _update_memory(memory, pending)
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "lr": lr_at(max(step - 1, 0)), "steps": step,
+            "images": seen, "train_images_per_s": seen / max(seconds, 1e-9)}
+
+
+def _optimizer_step(model, optimizer, s: StepSettings, scaler, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if s.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _update_memory(memory: HardNegativeMemory | None, pending: list) -> None:
+    if memory is None or not pending:
+        return
+    pos = torch.cat([p[0] for p in pending]).numpy()
+    losses = torch.cat([p[1] for p in pending]).numpy()
+    wrong = torch.cat([p[2] for p in pending]).numpy()
+    memory.update(pos, losses, wrong)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: Iterable, s: StepSettings, desc: str = "val") -> dict:
+    """Logits for every sample of ``loader`` (in loader order) and the mean loss."""
+    model.eval()
+    logits, labels, positions = [], [], []
+    total = len(loader) if hasattr(loader, "__len__") else 0
+    for x, y, pos in track(loader, total=total, desc=desc):
+        with autocast(s):
+            out = model(prepare_batch(x, s))
+        logits.append(out.float().cpu())
+        labels.append(y)
+        positions.append(pos)
+    logits_t, labels_t = torch.cat(logits), torch.cat(labels)
+    loss = F.cross_entropy(logits_t, labels_t).item() if len(labels_t) else math.nan
+    return {"val_loss": loss, "logits": logits_t.numpy(), "labels": labels_t.numpy(),
+            "positions": torch.cat(positions).numpy().astype(np.int64)}
+
+
+def cosine_with_warmup(*, base_lr: float, total_steps: int, warmup_steps: int,
+                       min_ratio: float = 0.01) -> Callable[[int], float]:
+    """Learning rate at an optimizer step: linear warmup, then cosine decay to min_ratio*base_lr."""
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return base_lr * (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return lr_at

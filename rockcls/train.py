@@ -1,0 +1,476 @@
+"""The k-fold training run: data -> split -> one MLflow parent run -> one child run per fold.
+
+`run_training` is the one training function that the CLI, MLproject and the Optuna search call.
+Each fold writes `last.pt` (everything needed to continue) after every epoch, atomically, so a
+killed run continues with ``resume=<parent run id>`` from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import timm.utils
+import torch
+import yaml
+
+from rockcls import tracking
+from rockcls.checkpoint import load_checkpoint, save_checkpoint
+from rockcls.config import TrainConfig, build_config, default_cache_dir, save_yaml
+from rockcls.data import (DatasetIndex, ImageDataset, content_fingerprint, index_dataset,
+                          make_folds, open_source, split_fingerprint, validate_images)
+from rockcls.engine import StepSettings, cosine_with_warmup, evaluate, train_one_epoch
+from rockcls.errors import ConfigError, RockclsError
+from rockcls.metrics import confusion_figure, macro_f1, per_class_f1
+from rockcls.models import build_model, model_spec
+from rockcls.sampling import HardNegativeMemory, MixtureBatchSampler
+from rockcls.transforms import DeviceAugment, build_device_augment, build_eval_transform, build_train_transform
+
+log = logging.getLogger("rockcls")
+EpochHook = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    cv_macro_f1: float
+    per_class_f1: dict[str, float]
+    classes: list[str]
+    ids: list[str]
+    labels: np.ndarray
+    fold_of: np.ndarray
+    oof_logits: np.ndarray
+    fold_scores: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """Everything derived once from the config and the data; logged with the run."""
+
+    cfg: TrainConfig
+    index: DatasetIndex
+    fold_of: np.ndarray
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    folds_to_run: list[int]
+    derived: dict[str, Any]
+    source: Any = None
+
+
+# ---------------------------------------------------------------------------- setup
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: not a device name: {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if mode == "bf16" else torch.float16
+
+
+def load_dataset(cfg: TrainConfig) -> DatasetIndex:
+    index = index_dataset(cfg.data)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return validate_images(index, skip_bad=cfg.skip_bad_images, cache_dir=cache_dir,
+                           workers=max(4, cfg.num_workers * 2))
+
+
+def build_plan(cfg: TrainConfig) -> Plan:
+    device = resolve_device(cfg.device)
+    index = load_dataset(cfg)
+    fold_of = make_folds(index.labels, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    eff = cfg.batch_size * cfg.accumulation_steps
+    n_train = int((fold_of != 0).sum())
+    n_hard = round(cfg.hn_ratio * eff) if cfg.hn_memory > 0 else 0
+    derived = {
+        "effective_batch_size": eff,
+        "hard_negatives_per_step": n_hard,
+        "balanced_per_step": round(cfg.balanced_ratio * (eff - n_hard)),
+        "steps_per_epoch": max(1, n_train // eff),
+        "num_images": len(index),
+        "num_classes": len(index.classes),
+        "num_skipped": len(index.skipped),
+        "data_fingerprint": content_fingerprint(index),
+        "split_fingerprint": split_fingerprint(index, fold_of),
+        "device": str(device),
+        "amp_dtype": str(resolve_amp(cfg.amp, device)).replace("torch.", ""),
+    }
+    return Plan(cfg, index, fold_of, device, resolve_amp(cfg.amp, device),
+                list(range(cfg.folds)), derived)
+
+
+# ---------------------------------------------------------------------------- the run
+
+def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: str = "train",
+                 tags: dict[str, str] | None = None, on_epoch_end: EpochHook | None = None) -> TrainResult:
+    """Train every fold of ``cfg`` (resuming ``cfg.resume`` if set) and return out-of-fold results.
+
+    ``on_epoch_end(fold, epoch, metrics)`` is called after each logged epoch; it may raise to stop
+    (Optuna's TrialPruned ends the runs as KILLED, anything else as FAILED).
+    """
+    if cfg.resume:
+        cfg = resumed_config(cfg)
+    plan = build_plan(cfg)
+    run_id = open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags)
+    try:
+        plan.source = open_source(plan.index, cfg=cfg)
+        fold_results = {k: run_fold(plan, run_id, k, on_epoch_end) for k in plan.folds_to_run}
+        result = finish_train_run(plan, run_id, fold_results)
+    except BaseException as exc:
+        tracking.end_run(run_id, _status_for(exc))
+        raise
+    tracking.end_run(run_id, "FINISHED")
+    return result
+
+
+def _status_for(exc: BaseException) -> str:
+    pruned = type(exc).__name__ == "TrialPruned"
+    return "KILLED" if pruned or isinstance(exc, KeyboardInterrupt) else "FAILED"
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The config of the interrupted run (its config.yaml), so the resumed run is the same run."""
+    run = tracking.get_run(cfg.resume)
+    if run.data.tags.get(tracking.KIND) not in ("train", "trial"):
+        raise RockclsError(f"resume: run {cfg.resume} is not a train run")
+    if run.info.status == "FINISHED":
+        raise RockclsError(f"resume: run {cfg.resume} already finished; nothing to resume")
+    saved = yaml.safe_load(tracking.download(cfg.resume, "config.yaml").read_text())
+    saved["resume"] = cfg.resume
+    saved["config"] = ""
+    return build_config(TrainConfig, saved)
+
+
+def open_train_run(plan: Plan, *, parent_run_id: str | None, kind: str, tags: dict[str, str] | None) -> str:
+    cfg = plan.cfg
+    if cfg.resume:
+        expected = tracking.get_run(cfg.resume).data.tags.get("rockcls.split_fingerprint")
+        if expected != plan.derived["split_fingerprint"]:
+            raise RockclsError(f"resume: the data under {cfg.data} changed since run {cfg.resume} "
+                               f"started (split fingerprint {plan.derived['split_fingerprint']} != {expected})")
+        tracking.reopen_run(cfg.resume)
+        log.info("resuming run %s", cfg.resume)
+        return cfg.resume
+    run_tags = {"rockcls.data_fingerprint": plan.derived["data_fingerprint"],
+                "rockcls.split_fingerprint": plan.derived["split_fingerprint"],
+                "rockcls.backbone": cfg.backbone, "rockcls.seed": str(cfg.seed),
+                "rockcls.folds": str(cfg.folds), **(tags or {})}
+    run_id = tracking.start_run(experiment=cfg.experiment, name=f"{kind}-{cfg.backbone}", kind=kind,
+                                parent_run_id=parent_run_id, tags=run_tags, adopt_env_run=parent_run_id is None)
+    log_run_setup(plan, run_id)
+    log.info("run %s (experiment %s, tracking %s)", run_id, cfg.experiment, tracking.tracking_uri())
+    return run_id
+
+
+def log_run_setup(plan: Plan, run_id: str) -> None:
+    params = {k: v for k, v in plan.cfg.to_dict().items() if k not in ("resume",)}
+    conflicts = tracking.log_params(run_id, {**params, **plan.derived})
+    if conflicts:
+        log.warning("params %s were logged by `mlflow run` with other values; resolved values are "
+                    "under resolved.<name>", ", ".join(conflicts))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_yaml(plan.cfg, Path(tmp) / "config.yaml")
+        tracking.log_file(run_id, Path(tmp) / "config.yaml")
+        _write_split(plan, Path(tmp) / "split.csv")
+        tracking.log_file(run_id, Path(tmp) / "split.csv")
+    tracking.log_dict(run_id, {"classes": plan.index.classes}, "classes.json")
+    if plan.index.skipped:
+        text = "\n".join(f"{p}\t{r}" for p, r in plan.index.skipped)
+        tracking.log_text(run_id, f"path\treason\n{text}\n", "skipped_images.tsv")
+
+
+def _write_split(plan: Plan, path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame({"id": plan.index.ids, "label": [plan.index.classes[y] for y in plan.index.labels],
+                  "fold": plan.fold_of}).to_csv(path, index=False)
+
+
+def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> TrainResult:
+    index, classes = plan.index, plan.index.classes
+    logits = np.full((len(index), len(classes)), np.nan, dtype=np.float32)
+    for res in fold_results.values():
+        logits[res["rows"]] = res["logits"]
+    scored = plan.fold_of >= 0
+    preds = logits[scored].argmax(1)
+    labels = index.labels[scored]
+    score = macro_f1(labels, preds, len(classes))
+    pcf = per_class_f1(labels, preds, classes)
+    tracking.log_metrics(run_id, {"cv_macro_f1": score, **{f"cv_f1.{_safe(c)}": v for c, v in pcf.items()}})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "oof_logits.npz"
+        np.savez_compressed(path, ids=np.asarray(index.ids), paths=np.asarray(index.paths),
+                            labels=index.labels, logits=logits, fold=plan.fold_of, classes=np.asarray(classes))
+        tracking.log_file(run_id, path)
+    tracking.log_figure(run_id, confusion_figure(labels, preds, classes, f"OOF macro-F1 {score:.4f}"),
+                        "confusion_matrix.png")
+    tracking.set_tags(run_id, {"rockcls.complete": "true"})
+    shutil.rmtree(run_dir(plan.cfg, run_id), ignore_errors=True)
+    log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
+    return TrainResult(run_id, score, pcf, classes, index.ids, index.labels, plan.fold_of, logits,
+                       {k: r["best_f1"] for k, r in fold_results.items()})
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
+
+
+def run_dir(cfg: TrainConfig, run_id: str) -> Path:
+    return Path(cfg.output_dir) / run_id
+
+
+# ---------------------------------------------------------------------------- one fold
+
+@dataclass
+class FoldState:
+    """Mutable state of a fold, saved in last.pt after every epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    best_f1: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+
+
+def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None) -> dict:
+    """Train one fold in its own child run, or collect it if a previous attempt finished it."""
+    fold_run, done = find_fold_run(parent_id, fold)
+    if done:
+        log.info("fold %d already finished in run %s: skipped", fold, fold_run)
+        return load_fold_result(plan, fold_run)
+    if fold_run is None:
+        fold_run = tracking.start_run(experiment=plan.cfg.experiment, name=f"fold-{fold}", kind="fold",
+                                      parent_run_id=parent_id, tags={"rockcls.fold": str(fold)})
+    else:
+        tracking.reopen_run(fold_run)
+    try:
+        result = FoldTrainer(plan, parent_id, fold, fold_run).fit(on_epoch_end)
+    except BaseException as exc:
+        tracking.end_run(fold_run, _status_for(exc))
+        raise
+    tracking.end_run(fold_run, "FINISHED")
+    return result
+
+
+def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
+    for run in tracking.child_runs(parent_id, kind="fold"):
+        if run.data.tags.get("rockcls.fold") == str(fold):
+            return run.info.run_id, run.data.tags.get("rockcls.complete") == "true"
+    return None, False
+
+
+def load_fold_result(plan: Plan, fold_run: str) -> dict:
+    with np.load(tracking.download(fold_run, "oof_fold.npz")) as z:
+        return {"rows": z["rows"], "logits": z["logits"], "best_f1": float(z["best_f1"])}
+
+
+class FoldTrainer:
+    """Builds the fold's loaders, model and optimizer, and runs its epochs."""
+
+    def __init__(self, plan: Plan, parent_id: str, fold: int, run_id: str):
+        self.plan, self.cfg, self.fold, self.run_id = plan, plan.cfg, fold, run_id
+        self.dir = run_dir(plan.cfg, parent_id) / f"fold_{fold}"
+        self.train_rows = np.flatnonzero(plan.fold_of != fold)
+        self.val_rows = np.flatnonzero(plan.fold_of == fold)
+        torch.manual_seed(self.cfg.seed * 100 + fold)
+        self.model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
+                                 pretrained_path=self.cfg.pretrained_path).to(plan.device)
+        if plan.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.spec = model_spec(self.model, self.cfg.backbone, plan.index.classes, self.cfg.img_size, self.cfg.augment)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.ema = timm.utils.ModelEmaV3(self.model, decay=self.cfg.ema) if self.cfg.ema > 0 else None
+        self.scaler = torch.amp.GradScaler("cuda") if plan.amp_dtype == torch.float16 else None
+        self.memory = self._build_memory()
+        self.sampler = MixtureBatchSampler(plan.index.labels[self.train_rows], batch_size=self.cfg.batch_size,
+                                           accumulation_steps=self.cfg.accumulation_steps,
+                                           hn_ratio=self.cfg.hn_ratio if self.memory else 0.0,
+                                           balanced_ratio=self.cfg.balanced_ratio, memory=self.memory,
+                                           seed=self.cfg.seed * 100 + fold)
+        steps = len(self.sampler) // self.cfg.accumulation_steps
+        self.lr_at = cosine_with_warmup(base_lr=self.cfg.lr, total_steps=steps * self.cfg.epochs,
+                                        warmup_steps=int(round(self.cfg.warmup_epochs * steps)))
+        self.settings = StepSettings(device=plan.device, mean=tuple(self.spec["mean"]), std=tuple(self.spec["std"]),
+                                     accumulation_steps=self.cfg.accumulation_steps,
+                                     label_smoothing=self.cfg.label_smoothing, grad_clip=self.cfg.grad_clip,
+                                     amp_dtype=plan.amp_dtype, channels_last=plan.device.type == "cuda")
+        self.train_loader, self.val_loader = self._build_loaders()
+        self.state = FoldState()
+
+    def _build_memory(self) -> HardNegativeMemory | None:
+        if self.cfg.hn_ratio <= 0 or self.cfg.hn_memory <= 0:
+            return None
+        steps = max(1, len(self.train_rows) // (self.cfg.batch_size * self.cfg.accumulation_steps))
+        return HardNegativeMemory(self.cfg.hn_memory, len(self.train_rows), half_life=float(steps))
+
+    def _build_loaders(self):
+        cfg, plan, labels = self.cfg, self.plan, self.plan.index.labels
+        train_ds = ImageDataset(plan.source, self.train_rows, labels[self.train_rows],
+                                build_train_transform(cfg.augment, cfg.img_size))
+        val_ds = ImageDataset(plan.source, self.val_rows, labels[self.val_rows],
+                              build_eval_transform(cfg.augment, cfg.img_size))
+        common = {"num_workers": cfg.num_workers, "pin_memory": plan.device.type == "cuda",
+                  "persistent_workers": cfg.num_workers > 0, "worker_init_fn": seed_worker}
+        train = torch.utils.data.DataLoader(train_ds, batch_sampler=self.sampler, **common)
+        val = torch.utils.data.DataLoader(val_ds, batch_size=cfg.batch_size * 2, shuffle=False, **common)
+        return train, val
+
+    # -- state
+
+    def checkpoint(self, metrics: dict[str, float]) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "memory": self.memory.state_dict() if self.memory else None,
+                "state": vars(self.state).copy(), "metrics": metrics, "spec": self.spec,
+                "fold": self.fold}
+
+    def restore(self) -> None:
+        last = self.dir / "last.pt"
+        if not last.is_file():
+            return
+        ck = load_checkpoint(last, map_location=self.plan.device)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.ema is not None and ck["ema"] is not None:
+            self.ema.load_state_dict(ck["ema"])
+        if self.scaler is not None and ck["scaler"] is not None:
+            self.scaler.load_state_dict(ck["scaler"])
+        if self.memory is not None and ck["memory"] is not None:
+            self.memory.load_state_dict(ck["memory"])
+        self.state = FoldState(**ck["state"])
+        if self.state.epoch - 1 not in tracking.metric_steps(self.run_id, "val_macro_f1"):
+            tracking.log_metrics(self.run_id, ck["metrics"], step=self.state.epoch - 1)
+        log.info("fold %d: resumed after epoch %d (best macro-F1 %.4f)", self.fold, self.state.epoch - 1,
+                 self.state.best_f1)
+
+    # -- epochs
+
+    def fit(self, on_epoch_end: EpochHook | None) -> dict:
+        self.restore()
+        while self.state.epoch < self.cfg.epochs and not self._early_stopped():
+            metrics = self.run_epoch(self.state.epoch)
+            if on_epoch_end is not None:
+                on_epoch_end(self.fold, self.state.epoch - 1, metrics)
+        return self.finish()
+
+    def _early_stopped(self) -> bool:
+        patience = self.cfg.early_stop
+        return patience > 0 and self.state.stale_epochs >= patience
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        torch.manual_seed(hash((self.cfg.seed, self.fold, epoch)) % 2**31)
+        self.sampler.set_epoch(epoch)
+        augment = DeviceAugment(build_device_augment(self.cfg.augment), seed=self.cfg.seed * 1000 + epoch)
+        tr = train_one_epoch(self.model, self.train_loader, self.optimizer, self.settings, lr_at=self.lr_at,
+                             start_step=self.state.step, augment=augment, memory=self.memory, ema=self.ema,
+                             scaler=self.scaler, desc=f"fold {self.fold} epoch {epoch}")
+        ev = evaluate(self.ema.module if self.ema else self.model, self.val_loader, self.settings,
+                      desc=f"fold {self.fold} val")
+        metrics = self._epoch_metrics(tr, ev)
+        self._track_best(epoch, metrics["val_macro_f1"], ev)
+        self.state.epoch, self.state.step = epoch + 1, tr["steps"]
+        save_checkpoint(self.checkpoint(metrics), self.dir / "last.pt")
+        tracking.log_metrics(self.run_id, metrics, step=epoch)
+        log.info("fold %d epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f", self.fold, epoch,
+                 metrics["train_loss"], metrics["val_loss"], metrics["val_macro_f1"])
+        return metrics
+
+    def _epoch_metrics(self, tr: dict, ev: dict) -> dict[str, float]:
+        classes = self.plan.index.classes
+        preds = ev["logits"].argmax(1)
+        pcf = per_class_f1(ev["labels"], preds, classes)
+        return {"train_loss": tr["train_loss"], "val_loss": ev["val_loss"], "lr": tr["lr"],
+                "val_macro_f1": macro_f1(ev["labels"], preds, len(classes)),
+                "train_images_per_s": tr["train_images_per_s"],
+                "hn_memory_size": float(len(self.memory)) if self.memory else 0.0,
+                **{f"val_f1.{_safe(c)}": v for c, v in pcf.items()}}
+
+    def _track_best(self, epoch: int, f1: float, ev: dict) -> None:
+        if f1 <= self.state.best_f1:
+            self.state.stale_epochs += 1
+            return
+        self.state.best_f1, self.state.best_epoch, self.state.stale_epochs = f1, epoch, 0
+        weights = (self.ema.module if self.ema else self.model).state_dict()
+        save_checkpoint({"model": weights, "spec": self.spec, "classes": self.spec["classes"],
+                         "epoch": epoch, "val_macro_f1": f1, "fold": self.fold}, self.dir / "best.pt")
+        rows = self.val_rows[ev["positions"]]
+        np.savez(self.dir / "oof_fold.npz", rows=rows, logits=ev["logits"], best_f1=np.float64(f1))
+
+    def finish(self) -> dict:
+        tracking.log_file(self.run_id, self.dir / "best.pt", "checkpoints")
+        tracking.log_file(self.run_id, self.dir / "oof_fold.npz")
+        tracking.log_metrics(self.run_id, {"best_val_macro_f1": self.state.best_f1,
+                                           "best_epoch": float(self.state.best_epoch)})
+        tracking.set_tags(self.run_id, {"rockcls.complete": "true"})
+        with np.load(self.dir / "oof_fold.npz") as z:
+            result = {"rows": z["rows"], "logits": z["logits"], "best_f1": float(z["best_f1"])}
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return result
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Give each DataLoader worker its own, reproducible augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+def with_overrides(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``cfg`` with ``changes`` applied and re-checked (used by the search)."""
+    merged = {**cfg.to_dict(), **changes, "config": ""}
+    return build_config(TrainConfig, merged)
+
+
+def build_parser():
+    import argparse
+
+    from rockcls.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="rockcls train", description="k-fold training of a timm backbone, tracked in MLflow")
+    add_config_arguments(parser, TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rockcls.config import config_from_args
+
+    cfg = config_from_args(TrainConfig, build_parser().parse_args(argv))
+    result = run_training(cfg)
+    print(f"train run {result.run_id}: cv_macro_f1 {result.cv_macro_f1:.4f}")
+    print(f"browse it with: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    return 0
