@@ -1,0 +1,51 @@
+"""Shared fixtures: every test gets its own MLflow store, image cache and output folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+from rockcls.config import TrainConfig, build_config  # noqa: E402
+from rockcls.synthetic import make_dataset  # noqa: E402
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A private SQLite tracking store and artifact root; cwd moves to tmp_path."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ROCKCLS_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """Three imbalanced synthetic texture classes, 40x40-ish PNGs (created once per session)."""
+    return make_dataset(tmp_path_factory.mktemp("synthetic") / "train", [36, 24, 12], size=40, seed=1)
+
+
+def tiny_config(data: Path | str, **overrides) -> TrainConfig:
+    """A train config that runs in seconds on 2 CPU cores."""
+    base = dict(data=str(data), backbone="test_efficientnet", pretrained=False, img_size=32, folds=2,
+                epochs=2, batch_size=16, num_workers=0, hn_memory=64, warmup_epochs=0.5, device="cpu",
+                augment="seed")
+    base.update(overrides)
+    return build_config(TrainConfig, base)
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config
