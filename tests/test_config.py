@@ -1,0 +1,89 @@
+import subprocess
+import sys
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rockcls.config import TrainConfig, add_config_arguments, build_config, config_from_args
+from rockcls.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_follow_the_seed():
+    cfg = build_config(TrainConfig, {})
+    assert (cfg.backbone, cfg.img_size, cfg.folds, cfg.lr) == ("davit_base", 224, 5, 3e-4)
+    assert (cfg.label_smoothing, cfg.hn_ratio, cfg.hn_memory, cfg.balanced_ratio) == (0.1, 0.2, 1000, 1.0)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lr", "abc", r"lr: expected a number, got 'abc'"),
+    ("folds", "0", r"folds: must be >= 1, got 0"),
+    ("hn_ratio", "1.5", r"hn_ratio: must be <= 1.0, got 1.5"),
+    ("epochs", "2.5", r"epochs: expected an integer"),
+    ("pretrained", "maybe", r"pretrained: expected true/false"),
+    ("optimizer", "lion", r"optimizer: must be one of adamw, adam, sgd"),
+    ("val_fraction", "1", r"val_fraction: must be < 1.0"),
+    ("lr", "nan", r"lr: expected a finite number"),
+])
+def test_bad_values_name_the_parameter(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(TrainConfig, {key: value})
+
+
+def test_unknown_parameter_is_named():
+    with pytest.raises(ConfigError, match="unknown parameter 'learning_rate'"):
+        build_config(TrainConfig, {"learning_rate": "0.1"})
+
+
+def test_yaml_then_command_line_layering(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump({"lr": 1e-3, "epochs": 4, "backbone": "test_vit"}))
+    cfg = build_config(TrainConfig, {"config": str(path), "epochs": "7", "backbone": "davit_base"})
+    assert cfg.lr == 1e-3            # from the file
+    assert cfg.epochs == 7           # the command line wins
+    assert cfg.backbone == "test_vit"  # a value equal to the default (as mlflow run passes) does not mask the file
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("lr: 0.1\nfoldz: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown parameter 'foldz' in .*bad.yaml"):
+        build_config(TrainConfig, {"config": str(bad_key)})
+    with pytest.raises(ConfigError, match="config: file not found"):
+        build_config(TrainConfig, {"config": str(tmp_path / "missing.yaml")})
+
+
+def test_cli_accepts_dashes_and_underscores():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    a = config_from_args(TrainConfig, parser.parse_args(["--hn-ratio", "0.3", "--img_size", "64"]))
+    assert (a.hn_ratio, a.img_size) == (0.3, 64)
+
+
+def test_mlproject_train_defaults_match_the_config():
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
+    cfg = build_config(TrainConfig, {k: v["default"] for k, v in spec["parameters"].items()})
+    assert cfg == TrainConfig()
+    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)}
+    for name in spec["parameters"]:
+        assert f"{{{name}}}" in spec["command"]
+
+
+def test_conda_env_lists_the_package_dependencies():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())["dependencies"]
+    pip_deps = next(d["pip"] for d in conda if isinstance(d, dict))
+    assert set(deps) <= set(pip_deps)
+
+
+def test_cli_bad_value_is_one_line_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "rockcls", "train", "--data", ".", "--lr", "abc"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "rockcls: error: lr: expected a number, got 'abc'"

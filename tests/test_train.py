@@ -1,0 +1,152 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from rockcls.checkpoint import load_checkpoint
+from rockcls.errors import ConfigError, DataError
+from rockcls.models import build_model_from_spec
+from rockcls.synthetic import make_dataset
+from rockcls.train import run_training
+from tests.conftest import tiny_config
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_macro_f1", "lr")
+
+
+def fold_runs(client: MlflowClient, parent) -> dict[int, object]:
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {int(r.data.tags["rockcls.fold"]): r for r in runs}
+
+
+def test_two_fold_run_is_fully_tracked(mlflow_store, synthetic_dir, tmp_path):
+    result = run_training(tiny_config(synthetic_dir, epochs=2, hn_ratio=0.25))
+    client = MlflowClient()
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["rockcls.kind"] == "train"
+    assert parent.data.params["backbone"] == "test_efficientnet"
+    assert parent.data.params["effective_batch_size"] == "16"
+    assert parent.data.params["hard_negatives_per_step"] == "4"
+    assert {"lr", "hn_ratio", "hn_memory", "balanced_ratio", "augment", "seed"} <= set(parent.data.params)
+    assert parent.data.metrics["cv_macro_f1"] == pytest.approx(result.cv_macro_f1)
+    assert {f"cv_f1.{c}" for c in result.classes} <= set(parent.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "split.csv", "classes.json", "oof_logits.npz", "confusion_matrix.png"} <= artifacts
+
+    oof = np.load(client.download_artifacts(result.run_id, "oof_logits.npz", str(tmp_path)))
+    assert oof["logits"].shape == (72, 3) and np.isfinite(oof["logits"]).all()
+    assert sorted(set(oof["fold"].tolist())) == [0, 1]
+    assert list(oof["classes"]) == result.classes
+
+    folds = fold_runs(client, parent)
+    assert sorted(folds) == [0, 1]
+    for k, run in folds.items():
+        assert run.data.tags["rockcls.kind"] == "fold" and run.info.status == "FINISHED"
+        for key in EPOCH_METRICS:
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
+        assert run.data.metrics["hn_memory_size"] > 0  # the hard-negative memory was filled
+        assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+def test_best_checkpoint_rebuilds_the_model_alone(mlflow_store, synthetic_dir, tmp_path):
+    result = run_training(tiny_config(synthetic_dir, folds=1, epochs=1, hn_ratio=0.0, balanced_ratio=0.0))
+    client = MlflowClient()
+    fold_run = fold_runs(client, client.get_run(result.run_id))[0]
+    ck = load_checkpoint(client.download_artifacts(fold_run.info.run_id, "checkpoints/best.pt", str(tmp_path)))
+    model = build_model_from_spec(ck["spec"])
+    model.load_state_dict(ck["model"])
+    assert ck["classes"] == result.classes and ck["spec"]["img_size"] == 32
+    out = model.eval()(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    # folds=1: the holdout is scored, the rest is train-only (NaN logits, fold -1)
+    holdout = result.fold_of == 0
+    assert 0 < holdout.sum() < len(holdout)
+    assert np.isnan(result.oof_logits[~holdout]).all() and np.isfinite(result.oof_logits[holdout]).all()
+
+
+def test_same_seed_gives_the_same_split(mlflow_store, synthetic_dir):
+    a = run_training(tiny_config(synthetic_dir, epochs=1, folds=2))
+    b = run_training(tiny_config(synthetic_dir, epochs=1, folds=2, lr=1e-3))
+    c = MlflowClient()
+    tag = "rockcls.split_fingerprint"
+    assert c.get_run(a.run_id).data.tags[tag] == c.get_run(b.run_id).data.tags[tag]
+    np.testing.assert_array_equal(a.fold_of, b.fold_of)
+
+
+def test_corrupt_image_is_named_and_skippable(mlflow_store, tmp_path):
+    data = make_dataset(tmp_path / "data", [12, 12], size=36)
+    bad = data / "synthetic_banded" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (data / "synthetic_grainy" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 bad image\(s\): .*broken.png"):
+        run_training(tiny_config(data, epochs=1))
+    with pytest.warns(UserWarning, match="skipping 2 bad image"):
+        result = run_training(tiny_config(data, epochs=1, skip_bad_images=True))
+    client = MlflowClient()
+    listed = Path(client.download_artifacts(result.run_id, "skipped_images.tsv", str(tmp_path))).read_text()
+    assert "broken.png" in listed and "empty.jpg" in listed
+    assert client.get_run(result.run_id).data.params["num_skipped"] == "2"
+
+
+def test_unknown_backbone_is_a_clear_error(mlflow_store, synthetic_dir):
+    with pytest.raises(ConfigError, match="backbone: unknown timm model 'davit_bass'"):
+        run_training(tiny_config(synthetic_dir, backbone="davit_bass"))
+
+
+def _wait_for(path_glob: str, root: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hits = list(root.glob(path_glob))
+        if hits:
+            return hits[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {path_glob} appeared:\n{proc.stderr.read()}")
+        time.sleep(0.02)
+    raise AssertionError(f"{path_glob} did not appear in {timeout}s")
+
+
+def test_resume_after_kill_trains_nothing_twice(mlflow_store, synthetic_dir, tmp_path):
+    args = ["--data", str(synthetic_dir), "--backbone", "test_efficientnet", "--pretrained", "false",
+            "--img-size", "32", "--folds", "2", "--epochs", "4", "--batch-size", "16", "--num-workers", "0",
+            "--hn-memory", "64", "--device", "cpu"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "rockcls", "train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        last = _wait_for("outputs/*/fold_1/last.pt", tmp_path, proc)  # fold 0 done, fold 1 under way
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run_id = last.parent.parent.name
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "RUNNING"  # a killed process cannot close its run
+
+    done = subprocess.run([sys.executable, "-m", "rockcls", "train", "--resume", run_id], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "fold 0 already finished" in done.stderr
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED" and "cv_macro_f1" in parent.data.metrics
+    folds = fold_runs(client, parent)
+    assert sorted(folds) == [0, 1]  # the unfinished fold continued in its own run
+    for run in folds.values():
+        assert run.info.status == "FINISHED"
+        for key in EPOCH_METRICS:
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2, 3]
+        assert client.list_artifacts(run.info.run_id, "checkpoints")
+
+
+def test_resume_refuses_a_finished_run(mlflow_store, synthetic_dir):
+    from rockcls.errors import RockclsError
+
+    result = run_training(tiny_config(synthetic_dir, folds=1, epochs=1))
+    with pytest.raises(RockclsError, match="already finished"):
+        run_training(tiny_config(synthetic_dir, resume=result.run_id))
