@@ -150,3 +150,16 @@ def test_resume_refuses_a_finished_run(mlflow_store, synthetic_dir):
     result = run_training(tiny_config(synthetic_dir, folds=1, epochs=1))
     with pytest.raises(RockclsError, match="already finished"):
         run_training(tiny_config(synthetic_dir, resume=result.run_id))
+
+
+def test_ema_accumulation_and_early_stopping(mlflow_store, synthetic_dir):
+    cfg = tiny_config(synthetic_dir, folds=1, epochs=6, ema=0.9, accumulation_steps=2, batch_size=8,
+                      early_stop=1, lr=1e-6, optimizer="adam", augment="winner")
+    result = run_training(cfg)
+    client = MlflowClient()
+    parent = client.get_run(result.run_id)
+    assert parent.data.params["effective_batch_size"] == "16"
+    fold = fold_runs(client, parent)[0]
+    steps = [m.step for m in client.get_metric_history(fold.info.run_id, "val_macro_f1")]
+    # at lr 1e-6 macro-F1 cannot keep improving: patience 1 stops the fold before epoch 6
+    assert 2 <= len(steps) < 6 and steps == list(range(len(steps)))
