@@ -1,0 +1,376 @@
+"""Weighted soft voting of train runs, fitted for macro-F1 on their out-of-fold predictions.
+
+Decision rule (the same as `rockcls.predict`): ``argmax_c log(sum_m w_m softmax(z_m))_c + b_c``,
+weights ``w`` on the simplex and an optional per-class bias ``b``. Both are found by coordinate
+ascent on OOF macro-F1, starting from equal weights and zero bias and accepting only strict gains,
+so the in-sample score never falls below the equal-weight ensemble's. That in-sample score is
+optimistic; the score reported as the ensemble's (and compared for the champion alias) is
+cross-fitted: weights and bias fitted on the other folds' OOF rows, scored on the held-out fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rockcls import tracking
+from rockcls.config import _opt, add_config_arguments, config_from_args
+from rockcls.errors import ConfigError, RockclsError
+from rockcls.metrics import confusion_figure, macro_f1, per_class_f1, softmax
+from rockcls.predict import TTA_VIEWS, check_train_run
+from rockcls.train import _safe
+
+log = logging.getLogger("rockcls")
+
+WEIGHT_GRID = np.linspace(0.0, 1.0, 21)
+BIAS_STEPS = 65
+SPLIT_TAGS = (("rockcls.data_fingerprint", "data fingerprint"), ("rockcls.seed", "seed"),
+              ("rockcls.folds", "folds"), ("rockcls.split_fingerprint", "split fingerprint"))
+EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------- members
+
+@dataclass
+class Member:
+    """One train run's out-of-fold predictions (``fold`` -1: never validated, NaN logits)."""
+
+    run_id: str
+    name: str
+    ids: np.ndarray
+    labels: np.ndarray
+    fold: np.ndarray
+    logits: np.ndarray
+    classes: list[str]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def load_member(run_id: str) -> Member:
+    run = check_train_run(run_id)
+    with np.load(tracking.download(run_id, "oof_logits.npz"), allow_pickle=False) as z:
+        return Member(run_id, run.data.tags.get("mlflow.runName", run_id[:8]), z["ids"], z["labels"],
+                      z["fold"], z["logits"].astype(np.float32), [str(c) for c in z["classes"]],
+                      dict(run.data.tags))
+
+
+def load_members(run_ids: Sequence[str]) -> list[Member]:
+    """Members in the given order; all must share data, seed, folds and split (else an error)."""
+    if not run_ids:
+        raise ConfigError("runs: no train runs given")
+    dupes = sorted({r for r in run_ids if list(run_ids).count(r) > 1})
+    if dupes:
+        raise ConfigError(f"runs: run {dupes[0]} given more than once")
+    members = [load_member(r) for r in run_ids]
+    check_same_split(members)
+    return members
+
+
+def check_same_split(members: Sequence[Member]) -> None:
+    """Refuse members whose OOF rows are not the same samples in the same folds."""
+    ref = members[0]
+    for m in members[1:]:
+        diffs = [f"{label} {m.tags.get(key)} != {ref.tags.get(key)}" for key, label in SPLIT_TAGS
+                 if m.tags.get(key) != ref.tags.get(key)]
+        if m.classes != ref.classes:
+            diffs.append(f"classes {m.classes} != {ref.classes}")
+        if not diffs and (not np.array_equal(m.ids, ref.ids) or not np.array_equal(m.fold, ref.fold)):
+            diffs.append("the OOF rows differ")
+        if diffs:
+            raise RockclsError(f"runs: run {m.run_id} does not share the split of run {ref.run_id} "
+                               f"({'; '.join(diffs)}); ensemble members must be trained on the same data "
+                               f"with the same seed and folds")
+
+
+def top_runs(experiment: str, k: int, *, kind: str = "train", parent_run_id: str | None = None,
+             same_split: bool = True) -> list[str]:
+    """Ids of the ``k`` completed runs of ``kind`` with the best ``cv_macro_f1``.
+
+    With ``same_split`` only runs sharing the best run's split qualify (others could not be
+    ensembled with it); those left out are logged.
+    """
+    filt = f"tags.`{tracking.KIND}` = '{kind}' and tags.`rockcls.complete` = 'true'"
+    if parent_run_id:
+        filt += f" and tags.`{tracking.PARENT}` = '{parent_run_id}'"
+    runs = [r for r in tracking.search_runs(experiment, filt, order_by=["metrics.cv_macro_f1 DESC"])
+            if "cv_macro_f1" in r.data.metrics]
+    if not runs:
+        raise RockclsError(f"experiment {experiment!r} has no completed {kind} run with cv_macro_f1")
+    if same_split:
+        split = runs[0].data.tags.get("rockcls.split_fingerprint")
+        other = [r.info.run_id for r in runs if r.data.tags.get("rockcls.split_fingerprint") != split]
+        if other:
+            log.info("top runs: %d run(s) on another split than the best run %s left out (%s)",
+                     len(other), runs[0].info.run_id, ", ".join(other[:5]))
+        runs = [r for r in runs if r.data.tags.get("rockcls.split_fingerprint") == split]
+    return [r.info.run_id for r in runs[:k]]
+
+
+# ---------------------------------------------------------------------------- the search
+
+def fast_macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Macro-F1 over all classes (0 for a class never seen nor predicted), like
+    `rockcls.metrics.macro_f1` but from one bincount: the search calls it thousands of times."""
+    cm = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
+    cm = cm.reshape(num_classes, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(num_classes), where=denom > 0)
+    return float(f1.mean())
+
+
+def blend(probs: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Ensemble scores: log of the weighted mean probability plus the per-class bias."""
+    return np.log(np.tensordot(weights, probs, axes=1) + EPS) + bias[None, :]
+
+
+def _with_weight(w: np.ndarray, m: int, t: float) -> np.ndarray:
+    """``w`` with member ``m`` set to ``t`` and the others rescaled to keep the sum at 1."""
+    out, others = w.copy(), np.arange(len(w)) != m
+    rest = w[others].sum()
+    out[others] = w[others] * (1 - t) / rest if rest > 0 else (1 - t) / others.sum()
+    out[m] = t
+    return out
+
+
+def _best_on_grid(score, current: float, grid: np.ndarray) -> tuple[float, float]:
+    """Best grid value for one coordinate; ties go to the value nearest the current one."""
+    order = sorted(np.asarray(grid, dtype=np.float64), key=lambda g: abs(g - current))
+    scores = [score(g) for g in order]
+    k = int(np.argmax(scores))
+    return float(order[k]), float(scores[k])
+
+
+def _bias_line(base: np.ndarray, b: np.ndarray, c: int, labels: np.ndarray, steps: int):
+    """Candidates and scorer for class ``c``'s bias, the others fixed.
+
+    Row i switches to class c exactly when the bias exceeds ``t_i`` (best other score minus its
+    class-c score), so candidates are quantiles of ``t``: the grid adapts to the logit scale.
+    """
+    scores = base + b[None, :]
+    others = np.delete(scores, c, axis=1)
+    other_best = others.max(1)
+    other_idx = np.delete(np.arange(len(b)), c)[others.argmax(1)]
+    t = other_best - base[:, c]
+    grid = np.unique(np.concatenate([np.quantile(t, np.linspace(0.0, 1.0, steps)) + 1e-6, [b[c]]]))
+
+    def score(g: float) -> float:
+        preds = np.where(base[:, c] + g > other_best, c, other_idx)
+        return fast_macro_f1(labels, preds, len(b))
+    return grid, score
+
+
+def fit_weights(probs: np.ndarray, labels: np.ndarray, *, bias: bool = True, rounds: int = 4,
+                weight_grid: np.ndarray = WEIGHT_GRID, bias_steps: int = BIAS_STEPS
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Coordinate ascent on macro-F1 over simplex weights (and per-class bias).
+
+    ``probs``: (members, samples, classes). Returns (weights, bias, in-sample macro-F1).
+    """
+    n_members, _, num_classes = probs.shape
+    w, b = np.full(n_members, 1.0 / n_members), np.zeros(num_classes)
+
+    def f1(w_: np.ndarray, b_: np.ndarray) -> float:
+        return fast_macro_f1(labels, blend(probs, w_, b_).argmax(1), num_classes)
+
+    best = f1(w, b)
+    for _ in range(rounds):
+        start = best
+        for m in range(n_members if n_members > 1 else 0):
+            t, s = _best_on_grid(lambda g: f1(_with_weight(w, m, g), b), w[m], weight_grid)
+            if s > best:
+                w, best = _with_weight(w, m, t), s
+        if bias:
+            base = np.log(np.tensordot(w, probs, axes=1) + EPS)
+            for c in range(num_classes):
+                grid, score = _bias_line(base, b, c, labels, bias_steps)
+                v, s = _best_on_grid(score, b[c], grid)
+                if s > best:
+                    b[c], best = v, s
+        if best <= start:
+            break
+    return w, b, f1(w, b)
+
+
+def crossfit_groups(fold: np.ndarray, labels: np.ndarray, *, seed: int, max_groups: int = 5) -> np.ndarray:
+    """Groups to cross-fit over: the CV folds, or (one holdout) a seeded stratified partition of it."""
+    if len(np.unique(fold)) >= 2:
+        return np.asarray(fold)
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    counts = np.bincount(labels)
+    k = int(min(max_groups, counts[counts > 0].min()))
+    if k >= 2:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)
+    else:
+        k = min(max_groups, len(labels))
+        if k < 2:
+            raise RockclsError("ensemble: fewer than 2 scored OOF rows; cannot cross-fit")
+        splits = KFold(n_splits=k, shuffle=True, random_state=seed).split(labels)
+    groups = np.zeros(len(labels), dtype=np.int64)
+    for g, (_, held) in enumerate(splits):
+        groups[held] = g
+    return groups
+
+
+@dataclass
+class EnsembleFit:
+    """Fitted weights/bias and the scores to judge them by (all macro-F1 on the scored OOF rows)."""
+
+    run_ids: list[str]
+    names: list[str]
+    classes: list[str]
+    weights: np.ndarray
+    bias: np.ndarray
+    member_scores: dict[str, float]
+    equal_weight_score: float
+    insample_score: float
+    crossfit_score: float
+    crossfit_per_class: dict[str, float]
+    labels: np.ndarray
+    crossfit_preds: np.ndarray
+    num_groups: int
+    split: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float:
+        """The honest (cross-fitted) macro-F1: what the champion alias compares."""
+        return self.crossfit_score
+
+    def score_table(self) -> pd.DataFrame:
+        rows = [{"model": f"member {n}", "run_id": r, "weight": float(w), "macro_f1": self.member_scores[r],
+                 "estimate": "OOF"} for n, r, w in zip(self.names, self.run_ids, self.weights)]
+        rows += [{"model": "equal weights", "run_id": "", "weight": np.nan, "macro_f1": self.equal_weight_score,
+                  "estimate": "OOF"},
+                 {"model": "fitted ensemble", "run_id": "", "weight": np.nan, "macro_f1": self.insample_score,
+                  "estimate": "in-sample (optimistic)"},
+                 {"model": "fitted ensemble", "run_id": "", "weight": np.nan, "macro_f1": self.crossfit_score,
+                  "estimate": f"cross-fitted over {self.num_groups} groups (honest)"}]
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"members": [{"run_id": r, "name": n, "weight": float(w), "oof_macro_f1": self.member_scores[r]}
+                            for r, n, w in zip(self.run_ids, self.names, self.weights)],
+                "classes": list(self.classes), "bias": {c: float(v) for c, v in zip(self.classes, self.bias)},
+                "scores": {"crossfit_macro_f1": self.crossfit_score, "insample_macro_f1": self.insample_score,
+                           "equal_weight_macro_f1": self.equal_weight_score, "crossfit_groups": self.num_groups},
+                "split": dict(self.split)}
+
+
+def scored_rows(members: Sequence[Member]) -> np.ndarray:
+    """Rows every member validated (fold >= 0, finite logits)."""
+    keep = members[0].fold >= 0
+    for m in members:
+        keep &= np.isfinite(m.logits).all(axis=1)
+    if keep.sum() < 2:
+        raise RockclsError(f"ensemble: run {members[0].run_id} has fewer than 2 validated OOF rows")
+    return keep
+
+
+def fit_ensemble(members: Sequence[Member], *, bias: bool = True, seed: int = 0) -> EnsembleFit:
+    """Fit weights (and bias) on all OOF rows; estimate the score by cross-fitting."""
+    keep = scored_rows(members)
+    probs = np.stack([softmax(m.logits[keep].astype(np.float64)) for m in members])
+    labels = members[0].labels[keep].astype(np.int64)
+    classes, num_classes = members[0].classes, len(members[0].classes)
+    member_scores = {m.run_id: macro_f1(labels, probs[i].argmax(1), num_classes) for i, m in enumerate(members)}
+    equal = np.full(len(members), 1.0 / len(members))
+    equal_score = macro_f1(labels, blend(probs, equal, np.zeros(num_classes)).argmax(1), num_classes)
+    weights, b, insample = fit_weights(probs, labels, bias=bias)
+    groups = crossfit_groups(members[0].fold[keep], labels, seed=seed)
+    preds = np.empty(len(labels), dtype=np.int64)
+    for g in np.unique(groups):
+        fit_rows, held = groups != g, groups == g
+        w_g, b_g, _ = fit_weights(probs[:, fit_rows], labels[fit_rows], bias=bias)
+        preds[held] = blend(probs[:, held], w_g, b_g).argmax(1)
+    split = {key: members[0].tags.get(key, "") for key, _ in SPLIT_TAGS}
+    return EnsembleFit([m.run_id for m in members], [m.name for m in members], classes, weights, b,
+                       member_scores, equal_score, insample, macro_f1(labels, preds, num_classes),
+                       per_class_f1(labels, preds, classes), labels, preds, int(len(np.unique(groups))), split)
+
+
+# ---------------------------------------------------------------------------- tracking
+
+def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """An open run tagged ``rockcls.kind=ensemble`` with weights, bias, scores and the confusion matrix.
+
+    The caller ends it (after registering the model, if asked).
+    """
+    run_id = tracking.start_run(experiment=experiment, name=f"ensemble-{len(fit.run_ids)}", kind="ensemble",
+                                parent_run_id=parent_run_id, adopt_env_run=parent_run_id is None,
+                                tags={"rockcls.members": ",".join(fit.run_ids), **fit.split, **(tags or {})})
+    try:
+        tracking.log_params(run_id, {"members": ",".join(fit.run_ids), "num_members": len(fit.run_ids),
+                                     **(params or {})})
+        tracking.log_metrics(run_id, {
+            "ensemble_macro_f1": fit.crossfit_score, "insample_macro_f1": fit.insample_score,
+            "equal_weight_macro_f1": fit.equal_weight_score, "best_member_macro_f1": max(fit.member_scores.values()),
+            **{f"weight.{i}": float(w) for i, w in enumerate(fit.weights)},
+            **{f"member_macro_f1.{i}": fit.member_scores[r] for i, r in enumerate(fit.run_ids)},
+            **{f"bias.{_safe(c)}": float(v) for c, v in zip(fit.classes, fit.bias)},
+            **{f"ensemble_f1.{_safe(c)}": v for c, v in fit.crossfit_per_class.items()}})
+        tracking.log_dict(run_id, fit.to_dict(), "ensemble.json")
+        tracking.log_text(run_id, fit.score_table().to_csv(index=False), "scores.csv")
+        tracking.log_figure(run_id, confusion_figure(fit.labels, fit.crossfit_preds, fit.classes,
+                                                     f"cross-fitted macro-F1 {fit.crossfit_score:.4f}"),
+                            "confusion_matrix.png")
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    return run_id
+
+
+# ---------------------------------------------------------------------------- the command
+
+@dataclass
+class EnsembleConfig:
+    """Parameters of `rockcls ensemble` (the MLproject `ensemble` entry point)."""
+
+    runs: str = _opt("", "comma-separated train run ids; empty = the top runs of the experiment")
+    experiment: str = _opt("rockcls", "experiment searched for top runs and where the ensemble run is logged")
+    top: int = _opt(3, "how many top runs by cv_macro_f1 when runs is empty", min=1)
+    bias: bool = _opt(True, "also search a per-class logit bias")
+    register: str = _opt("", "registered model name; empty = do not register")
+    force: bool = _opt(False, "move the champion alias even without improvement")
+    tta: str = _opt("none", "test-time augmentation of the registered model", choices=tuple(TTA_VIEWS))
+    seed: int = _opt(0, "seed of the cross-fitting partition when the runs used one holdout (folds=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rockcls ensemble",
+                                     description="weighted soft voting of train runs, optionally registered")
+    add_config_arguments(parser, EnsembleConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(EnsembleConfig, build_parser().parse_args(argv))
+    run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or top_runs(cfg.experiment, cfg.top)
+    members = load_members(run_ids)
+    fit = fit_ensemble(members, bias=cfg.bias, seed=cfg.seed)
+    run_id = log_ensemble(fit, experiment=cfg.experiment,
+                          params={"bias": cfg.bias, "seed": cfg.seed, "tta": cfg.tta, "top": cfg.top,
+                                  "register": cfg.register, "force": cfg.force})
+    try:
+        print(fit.score_table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if cfg.register:
+            from rockcls.registry import register_ensemble
+
+            reg = register_ensemble(fit, name=cfg.register, run_id=run_id, tta=cfg.tta, force=cfg.force)
+            print(reg.summary())
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    tracking.end_run(run_id, "FINISHED")
+    print(f"ensemble run {run_id}: cross-fitted macro-F1 {fit.crossfit_score:.4f} "
+          f"(in-sample {fit.insample_score:.4f}, equal weights {fit.equal_weight_score:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

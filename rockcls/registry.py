@@ -1,0 +1,291 @@
+"""The registered ensemble: an MLflow pyfunc model that holds every member's fold checkpoints.
+
+MLflow model-registry and pyfunc calls live here (run tracking stays in `rockcls.tracking`). The
+model is logged as models-from-code (MLflow 3.17 refuses to unpickle a PythonModel by default)
+with the rockcls package as its code path, so ``mlflow.pyfunc.load_model("models:/NAME@champion")``
+and ``mlflow models serve`` need only the registry URI and the pinned pip requirements.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from packaging.version import Version
+
+from rockcls import tracking
+from rockcls.errors import RockclsError
+from rockcls.predict import Predictor, download_run_checkpoints, load_models, tta_views
+
+if TYPE_CHECKING:
+    from rockcls.ensemble import EnsembleFit
+
+log = logging.getLogger("rockcls")
+
+CHAMPION = "champion"
+SCORE_TAG = "rockcls.macro_f1"
+MODEL_URI_TAG = "rockcls.model_uri"
+PATH_COLUMN, B64_COLUMN = "img_path", "image_b64"
+DEFAULT_BATCH = 32
+# What `import rockcls.registry` pulls in, pinned to the installed versions (mlflow adds itself).
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "numpy",
+                    "pandas", "pillow", "pyyaml", "scikit-learn", "tqdm")
+MODEL_CODE = '''"""MLflow models-from-code entry of a rockcls ensemble (written by rockcls.registry)."""
+from mlflow.models import set_model
+
+from rockcls.registry import RockclsModel
+
+set_model(RockclsModel())
+'''
+
+
+# ---------------------------------------------------------------------------- the pyfunc model
+
+class RockclsModel(mlflow.pyfunc.PythonModel):
+    """Predicts a DataFrame of image paths (``img_path``) or base64 image bytes (``image_b64``).
+
+    Returns ``label``, one ``prob_<class>`` column per class and ``error`` (empty when the image
+    was read; otherwise the reason, with an empty label and NaN probabilities).
+    """
+
+    def load_context(self, context) -> None:
+        manifest = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        self.predictor = build_predictor(manifest, context.artifacts)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        params = params or {}
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        try:
+            tta = str(params.get("tta") or self.predictor.tta)
+            tta_views(tta)
+            with tempfile.TemporaryDirectory(prefix="rockcls-b64-") as tmp:
+                paths, input_errors = resolve_inputs(frame, Path(tmp))
+                pred = self.predictor.predict(paths, tta=tta, batch_size=int(params.get("batch_size") or DEFAULT_BATCH),
+                                              num_workers=0)
+        except RockclsError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        errors = [given or found for given, found in zip(input_errors, pred.errors)]
+        labels = [label if not err else "" for label, err in zip(pred.labels, errors)]
+        probs = pred.probs
+        probs[np.asarray([bool(e) for e in errors], dtype=bool)] = np.nan
+        out = pd.DataFrame({"label": labels})
+        for k, name in enumerate(pred.classes):
+            out[f"prob_{name}"] = probs[:, k]
+        out["error"] = errors
+        return out
+
+
+def resolve_inputs(frame: pd.DataFrame, tmp: Path) -> tuple[list[str], list[str]]:
+    """A readable path per row (base64 bytes are written under ``tmp``) and an error per row."""
+    if PATH_COLUMN not in frame.columns and B64_COLUMN not in frame.columns:
+        raise RockclsError(f"model input needs a column {PATH_COLUMN!r} (image paths on the server) or "
+                           f"{B64_COLUMN!r} (base64 image bytes); got columns {list(frame.columns)}")
+    paths, errors = [], []
+    for i in range(len(frame)):
+        b64, path, err = _cell(frame, B64_COLUMN, i), _cell(frame, PATH_COLUMN, i), ""
+        if b64:
+            path = _write_b64(b64, tmp / f"row{i}") or ""
+            err = "" if path else f"{B64_COLUMN}: not valid base64"
+        elif not path:
+            err = f"no image given (empty {PATH_COLUMN} and {B64_COLUMN})"
+        paths.append(path)
+        errors.append(err)
+    return paths, errors
+
+
+def _cell(frame: pd.DataFrame, column: str, i: int) -> str:
+    if column not in frame.columns:
+        return ""
+    value = frame[column].iat[i]
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _write_b64(text: str, path: Path) -> str:
+    """Decode (optionally a ``data:...;base64,`` URL) into a file the data module reads; "" if invalid."""
+    payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    try:
+        path.write_bytes(base64.b64decode(payload, validate=True))
+    except (binascii.Error, ValueError):
+        return ""
+    return str(path)
+
+
+def build_predictor(manifest: dict[str, Any], artifacts: dict[str, str], device: str = "auto") -> Predictor:
+    """Rebuild every member's fold models, each weighted by its member's weight / its fold count."""
+    from rockcls.train import resolve_device
+
+    dev = resolve_device(device)
+    models, weights = [], []
+    for member in manifest["members"]:
+        if not member["checkpoints"]:
+            continue
+        fold_models = load_models([artifacts[key] for key in member["checkpoints"]], device=dev)
+        models += fold_models
+        weights += [member["weight"] / len(fold_models)] * len(fold_models)
+    classes = list(manifest["classes"])
+    bias = np.asarray([manifest["bias"][c] for c in classes], dtype=np.float64)
+    return Predictor(models, weights, classes, bias, tta=manifest["tta"], source="ensemble")
+
+
+def load_registered_predictor(uri: str) -> Predictor:
+    """The Predictor inside a logged or registered rockcls model (``models:/NAME@alias`` etc.)."""
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError) as exc:
+        raise RockclsError(f"model: cannot load {uri} from {mlflow.get_tracking_uri()}: "
+                           f"{str(exc).splitlines()[0][:200]}") from None
+    try:
+        inner = model.unwrap_python_model()
+    except MlflowException:
+        inner = None
+    if not isinstance(inner, RockclsModel):
+        kind = type(inner).__name__ if inner is not None else "not a Python model"
+        raise RockclsError(f"model: {uri} is not a rockcls ensemble model ({kind})")
+    inner.predictor.source = uri
+    return inner.predictor
+
+
+# ---------------------------------------------------------------------------- logging the model
+
+def pip_requirements() -> list[str]:
+    """Installed versions, pinned without local suffixes (``+cu130``) so they install from PyPI."""
+    reqs = []
+    for pkg in SERVING_PACKAGES:
+        try:
+            reqs.append(f"{pkg}=={Version(importlib.metadata.version(pkg)).public}")
+        except importlib.metadata.PackageNotFoundError:
+            raise RockclsError(f"register: package {pkg} is not installed; it is needed to serve the model") from None
+    return reqs
+
+
+def build_signature(classes: list[str], tta: str) -> ModelSignature:
+    inputs = Schema([ColSpec("string", PATH_COLUMN, required=False), ColSpec("string", B64_COLUMN, required=False)])
+    outputs = Schema([ColSpec("string", "label"), *[ColSpec("double", f"prob_{c}") for c in classes],
+                      ColSpec("string", "error")])
+    params = ParamSchema([ParamSpec("tta", "string", tta), ParamSpec("batch_size", "long", DEFAULT_BATCH)])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def build_input_example() -> pd.DataFrame:
+    """A self-contained example (a grey PNG as base64): MLflow predicts it when logging the model."""
+    ok, png = cv2.imencode(".png", np.full((32, 32, 3), 128, dtype=np.uint8))
+    return pd.DataFrame({B64_COLUMN: [base64.b64encode(png.tobytes()).decode("ascii")]})
+
+
+def pack_ensemble(fit: EnsembleFit, tta: str, workdir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The manifest (ensemble.json) and the artifact files: every fold checkpoint of each member
+    with a non-zero weight (a zero-weight member cannot change a prediction)."""
+    artifacts: dict[str, str] = {}
+    members = []
+    for i, (run_id, name, weight) in enumerate(zip(fit.run_ids, fit.names, fit.weights)):
+        keys = []
+        if weight > 0:
+            for k, path in enumerate(download_run_checkpoints(run_id, workdir / f"member{i}")):
+                keys.append(f"member{i}_fold{k}")
+                artifacts[keys[-1]] = str(path.rename(workdir / f"{keys[-1]}.pt"))
+        members.append({"run_id": run_id, "name": name, "weight": float(weight), "checkpoints": keys,
+                        "oof_macro_f1": fit.member_scores[run_id]})
+    manifest = {"format": 1, "classes": list(fit.classes), "tta": tta, "members": members,
+                "bias": {c: float(v) for c, v in zip(fit.classes, fit.bias)},
+                "decision": "argmax(log(sum_m w_m mean_folds,views softmax) + bias)",
+                "scores": fit.to_dict()["scores"], "split": dict(fit.split)}
+    manifest_path = workdir / "ensemble.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    artifacts["ensemble"] = str(manifest_path)
+    return manifest, artifacts
+
+
+def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "model"):
+    """Log the pyfunc model under ``run_id``; returns MLflow's ModelInfo."""
+    tta_views(tta)
+    with tempfile.TemporaryDirectory(prefix="rockcls-model-") as tmp:
+        work = Path(tmp)
+        _, artifacts = pack_ensemble(fit, tta, work)
+        code = work / "code" / "rockcls"
+        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        model_file = work / "rockcls_model.py"
+        model_file.write_text(MODEL_CODE)
+        return mlflow.models.Model.log(
+            name=name, artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(model_file),
+            artifacts=artifacts, code_paths=[str(code)], signature=build_signature(list(fit.classes), tta),
+            input_example=build_input_example(), pip_requirements=pip_requirements())
+
+
+# ---------------------------------------------------------------------------- registry
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    model_uri: str
+    score: float
+    champion: bool
+    reason: str
+
+    def summary(self) -> str:
+        state = "is now @champion" if self.champion else "not champion"
+        return f"registered {self.name} version {self.version} (macro-F1 {self.score:.4f}): {state} ({self.reason})"
+
+
+def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "none", force: bool = False) -> Registration:
+    """Log the ensemble as a pyfunc model, register a new version of ``name``, maybe move @champion."""
+    info = log_ensemble_model(fit, run_id=run_id, tta=tta)
+    # Full precision (repr): the champion comparison reads the score back from this tag.
+    tags = {SCORE_TAG: repr(float(fit.score)), "rockcls.insample_macro_f1": repr(float(fit.insample_score)),
+            "rockcls.equal_weight_macro_f1": repr(float(fit.equal_weight_score)), "rockcls.ensemble_run": run_id,
+            "rockcls.members": ",".join(fit.run_ids), "rockcls.tta": tta,
+            "rockcls.split_fingerprint": fit.split.get("rockcls.split_fingerprint", "")}
+    version = mlflow.register_model(info.model_uri, name, tags=tags).version
+    moved, reason = update_champion(name, str(version), fit.score, force=force)
+    tracking.set_tags(run_id, {MODEL_URI_TAG: info.model_uri, "rockcls.registered_model": name,
+                               "rockcls.model_version": str(version), "rockcls.champion": str(moved).lower()})
+    reg = Registration(name, str(version), f"models:/{name}/{version}", fit.score, moved, reason)
+    log.info("%s", reg.summary())
+    return reg
+
+
+def champion_score(name: str) -> tuple[str | None, float | None]:
+    """(version, score tag) of the current champion; (None, None) when there is none."""
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    try:
+        return str(current.version), float(current.tags[SCORE_TAG])
+    except (KeyError, ValueError):
+        return str(current.version), None
+
+
+def update_champion(name: str, version: str, score: float, *, force: bool = False) -> tuple[bool, str]:
+    """Point @champion at ``version`` if it beats the current champion's score (or ``force``)."""
+    old_version, old_score = champion_score(name)
+    if old_version is None:
+        reason = "first champion"
+    elif force:
+        reason = f"forced over version {old_version}"
+    elif old_score is None:
+        return False, f"champion version {old_version} has no {SCORE_TAG} tag to compare; use force to replace it"
+    elif score > old_score:
+        reason = f"beats version {old_version} ({score:.4f} > {old_score:.4f})"
+    else:
+        return False, f"does not beat version {old_version} ({score:.4f} <= {old_score:.4f})"
+    MlflowClient().set_registered_model_alias(name, CHAMPION, version)
+    return True, reason

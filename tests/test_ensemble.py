@@ -1,0 +1,230 @@
+"""Tests for rockcls.ensemble: macro-F1 weight/bias search, cross-fitting, members, the command."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rockcls import ensemble
+from rockcls.errors import RockclsError
+from rockcls.metrics import macro_f1
+from rockcls.train import run_training
+from tests.conftest import tiny_config
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def _labels(n: int, seed: int) -> np.ndarray:
+    """Imbalanced labels: 50/25/15/10 %."""
+    return np.random.default_rng(seed).choice(4, size=n, p=[0.5, 0.25, 0.15, 0.1])
+
+
+def _member(name: str, labels: np.ndarray, logits: np.ndarray, fold: np.ndarray) -> ensemble.Member:
+    return ensemble.Member(name, name, np.asarray([f"id{i}" for i in range(len(labels))]), labels, fold,
+                           logits.astype(np.float32), CLASSES, {"rockcls.split_fingerprint": "s"})
+
+
+def _oof_members(n: int = 600, seed: int = 0) -> list[ensemble.Member]:
+    """A good member (strong signal), a weak one, and one of pure noise; 5 CV folds."""
+    rng = np.random.default_rng(seed)
+    labels = _labels(n, seed)
+    onehot = np.eye(4)[labels]
+    fold = np.arange(n) % 5
+    good = 2.0 * onehot + rng.normal(0, 1.0, (n, 4))
+    weak = 0.7 * onehot + rng.normal(0, 1.0, (n, 4))
+    noise = rng.normal(0, 1.0, (n, 4))
+    return [_member("good", labels, good, fold), _member("weak", labels, weak, fold),
+            _member("noise", labels, noise, fold)]
+
+
+# ---- the search -----------------------------------------------------------------------
+
+
+def test_fast_macro_f1_matches_sklearn() -> None:
+    rng = np.random.default_rng(1)
+    for n, k in ((50, 3), (500, 7), (20, 6)):
+        labels, preds = rng.integers(0, k, n), rng.integers(0, k - 1, n)  # one class never predicted
+        assert ensemble.fast_macro_f1(labels, preds, k) == pytest.approx(macro_f1(labels, preds, k), abs=1e-12)
+
+
+def test_weight_search_beats_or_ties_equal_weights_and_favours_the_better_member() -> None:
+    members = _oof_members()
+    probs = np.stack([np.exp(m.logits) / np.exp(m.logits).sum(1, keepdims=True) for m in members])
+    labels = members[0].labels
+    equal = ensemble.fast_macro_f1(labels, ensemble.blend(probs, np.full(3, 1 / 3), np.zeros(4)).argmax(1), 4)
+    weights, bias, score = ensemble.fit_weights(probs, labels, bias=False)
+    assert score >= equal
+    assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all()
+    assert weights[0] > weights[1] >= weights[2]
+    assert (bias == 0).all()
+    assert score == pytest.approx(ensemble.fast_macro_f1(labels, ensemble.blend(probs, weights, bias).argmax(1), 4))
+
+
+def test_weight_search_never_loses_to_equal_weights_on_random_members() -> None:
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        labels = _labels(120, seed)
+        probs = rng.dirichlet(np.ones(4), size=(3, 120))
+        equal = ensemble.fast_macro_f1(labels, ensemble.blend(probs, np.full(3, 1 / 3), np.zeros(4)).argmax(1), 4)
+        assert ensemble.fit_weights(probs, labels)[2] >= equal
+
+
+def test_bias_search_corrects_a_member_that_under_predicts_a_rare_class() -> None:
+    rng = np.random.default_rng(2)
+    labels = _labels(1000, 2)
+    logits = 1.5 * np.eye(4)[labels] + rng.normal(0, 1.0, (1000, 4))
+    logits[:, 3] -= 1.5  # the rarest class is systematically under-scored
+    fold = np.arange(1000) % 5
+    without = ensemble.fit_ensemble([_member("m", labels, logits, fold)], bias=False)
+    with_bias = ensemble.fit_ensemble([_member("m", labels, logits, fold)], bias=True)
+    assert with_bias.bias[3] - with_bias.bias[:3].mean() > 0.5
+    assert with_bias.crossfit_score > without.crossfit_score + 0.02  # a real shift: it generalises
+
+
+def test_fit_ensemble_reports_members_equal_weights_in_sample_and_cross_fitted_scores() -> None:
+    members = _oof_members()
+    fit = ensemble.fit_ensemble(members, bias=True)
+    labels = members[0].labels
+    assert fit.member_scores["good"] == pytest.approx(macro_f1(labels, members[0].logits.argmax(1), 4))
+    assert fit.insample_score >= fit.equal_weight_score
+    assert fit.num_groups == 5
+    # the honest estimate: every row predicted by weights fitted without its fold
+    assert fit.crossfit_score == pytest.approx(macro_f1(labels, fit.crossfit_preds, 4))
+    assert fit.crossfit_score > fit.member_scores["weak"]
+    table = fit.score_table()
+    assert list(table["estimate"])[-2:] == ["in-sample (optimistic)", "cross-fitted over 5 groups (honest)"]
+    assert list(table["macro_f1"]) == pytest.approx([*fit.member_scores.values(), fit.equal_weight_score,
+                                                     fit.insample_score, fit.crossfit_score])
+
+
+def test_cross_fitted_score_is_not_optimistic_on_pure_noise() -> None:
+    rng = np.random.default_rng(4)
+    labels = _labels(200, 4)
+    fold = np.arange(200) % 4
+    members = [_member(f"n{i}", labels, rng.normal(0, 1, (200, 4)), fold) for i in range(3)]
+    fit = ensemble.fit_ensemble(members, bias=True)
+    assert fit.insample_score > fit.crossfit_score + 0.05  # the search overfits noise in-sample
+    assert fit.crossfit_score < 0.35  # chance level for 4 classes is about 0.25
+
+
+def test_single_holdout_cross_fits_over_a_seeded_internal_partition() -> None:
+    rng = np.random.default_rng(5)
+    labels = _labels(400, 5)
+    fold = np.where(rng.random(400) < 0.3, 0, -1)  # folds=1: 0 = holdout, -1 = train-only
+    logits = 1.5 * np.eye(4)[labels] + rng.normal(0, 1, (400, 4))
+    logits[fold < 0] = np.nan
+    members = [_member("m", labels, logits, fold)]
+    fit = ensemble.fit_ensemble(members, seed=3)
+    assert len(fit.labels) == (fold == 0).sum()
+    assert fit.num_groups >= 2
+    assert ensemble.fit_ensemble(members, seed=3).crossfit_score == fit.crossfit_score
+    groups = ensemble.crossfit_groups(fold[fold == 0], labels[fold == 0], seed=3)
+    assert set(np.unique(groups)) == set(range(fit.num_groups))
+    for g in range(fit.num_groups):  # stratified: every class present in every group
+        assert set(labels[fold == 0][groups == g]) == set(labels[fold == 0])
+
+
+def test_crossfit_groups_are_the_cv_folds_when_there_are_several() -> None:
+    fold = np.array([0, 1, 2, 0, 1, 2])
+    assert ensemble.crossfit_groups(fold, np.zeros(6, dtype=int), seed=0).tolist() == fold.tolist()
+
+
+# ---- members from MLflow runs ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mlflow.set_tracking_uri(uri)
+        yield root
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def runs(store, synthetic_dir):
+    """Two runs on the same split (only lr differs) and one with another seed, hence another split."""
+    a = run_training(tiny_config(synthetic_dir, epochs=2))
+    b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3))
+    c = run_training(tiny_config(synthetic_dir, epochs=1, seed=7))
+    return a.run_id, b.run_id, c.run_id
+
+
+def test_members_with_another_split_are_refused_naming_the_mismatch(runs) -> None:
+    a, _, c = runs
+    with pytest.raises(RockclsError, match=rf"run {c} does not share the split of run {a} \(.*seed 7 != 42; "
+                                           r"split fingerprint \w+ != \w+\)"):
+        ensemble.load_members([a, c])
+
+
+def test_members_on_the_same_split_load_with_their_oof_logits(runs) -> None:
+    a, b, _ = runs
+    members = ensemble.load_members([a, b])
+    assert [m.run_id for m in members] == [a, b]
+    assert members[0].logits.shape == (72, 3) and np.isfinite(members[0].logits).all()
+    assert np.array_equal(members[0].fold, members[1].fold)
+
+
+def test_duplicate_or_non_train_members_are_refused(runs) -> None:
+    a, _, _ = runs
+    with pytest.raises(ensemble.ConfigError, match=f"runs: run {a} given more than once"):
+        ensemble.load_members([a, a])
+    fold_run = MlflowClient().search_runs([MlflowClient().get_run(a).info.experiment_id],
+                                          filter_string=f"tags.`mlflow.parentRunId` = '{a}'")[0].info.run_id
+    with pytest.raises(RockclsError, match=f"run {fold_run} is a fold run, not a train run"):
+        ensemble.load_members([a, fold_run])
+
+
+def test_top_runs_rank_completed_train_runs_of_the_best_split(runs) -> None:
+    client = MlflowClient()
+    top = ensemble.top_runs("rockcls", 3)
+    scores = [client.get_run(r).data.metrics["cv_macro_f1"] for r in top]
+    assert scores == sorted(scores, reverse=True)
+    splits = {client.get_run(r).data.tags["rockcls.split_fingerprint"] for r in top}
+    assert len(splits) == 1
+    all_same_split = [r for r in runs if client.get_run(r).data.tags["rockcls.split_fingerprint"] in splits]
+    assert sorted(top) == sorted(all_same_split)
+    assert len(ensemble.top_runs("rockcls", 3, same_split=False)) == 3
+    assert len(ensemble.top_runs("rockcls", 1)) == 1
+    with pytest.raises(RockclsError, match="no completed trial run"):
+        ensemble.top_runs("rockcls", 3, kind="trial")
+
+
+def test_ensemble_command_logs_weights_bias_scores_and_confusion_matrix(runs, capsys) -> None:
+    a, b, _ = runs
+    assert ensemble.main(["--runs", f"{a}, {b}", "--bias", "true", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "cross-fitted over 2 groups (honest)" in out and "equal weights" in out
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("rockcls").experiment_id],
+                             filter_string="tags.`rockcls.kind` = 'ensemble'")[0]
+    assert run.info.status == "FINISHED" and run.data.tags["rockcls.members"] == f"{a},{b}"
+    metrics = run.data.metrics
+    for key in ("ensemble_macro_f1", "insample_macro_f1", "equal_weight_macro_f1", "weight.0", "weight.1",
+                "member_macro_f1.0", "member_macro_f1.1"):
+        assert key in metrics
+    assert metrics["weight.0"] + metrics["weight.1"] == pytest.approx(1.0)
+    assert metrics["insample_macro_f1"] >= metrics["equal_weight_macro_f1"]
+    assert metrics["member_macro_f1.0"] == pytest.approx(client.get_run(a).data.metrics["cv_macro_f1"])
+    artifacts = {x.path for x in client.list_artifacts(run.info.run_id)}
+    assert {"ensemble.json", "scores.csv", "confusion_matrix.png"} <= artifacts
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="ensemble.json")
+    saved = json.loads(open(path).read())
+    assert [m["run_id"] for m in saved["members"]] == [a, b] and set(saved["bias"]) == set(saved["classes"])
+    assert saved["scores"]["crossfit_macro_f1"] == pytest.approx(metrics["ensemble_macro_f1"])
+
+
+def test_ensemble_command_refuses_a_mixed_split(runs) -> None:
+    a, _, c = runs
+    with pytest.raises(RockclsError, match="does not share the split"):
+        ensemble.main(["--runs", f"{a},{c}"])

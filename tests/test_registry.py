@@ -1,0 +1,233 @@
+"""Tests for rockcls.registry: the pyfunc ensemble model, registration and the champion alias."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from rockcls import ensemble, predict, registry
+from rockcls.train import run_training
+from tests.conftest import tiny_config
+
+NAME = "rockcls-test"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mlflow.set_tracking_uri(uri)
+        yield root
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def registered(store, synthetic_dir):
+    """Two members on one split, fitted, logged and registered as version 1 (d4 TTA)."""
+    a = run_training(tiny_config(synthetic_dir, epochs=1))
+    b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3, backbone="test_vit"))
+    fit = ensemble.fit_ensemble(ensemble.load_members([a.run_id, b.run_id]), bias=True)
+    # Both members must carry weight for the packing to be tested; keep the fitted bias.
+    fit = dataclasses.replace(fit, weights=np.array([0.7, 0.3]))
+    run_id = ensemble.log_ensemble(fit, experiment="rockcls")
+    reg = registry.register_ensemble(fit, name=NAME, run_id=run_id, tta="d4")
+    return fit, run_id, reg
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_dir) -> list[str]:
+    return [str(p) for p in sorted(synthetic_dir.rglob("*.png"))[::12]]
+
+
+def test_first_registration_becomes_champion_and_keeps_its_score(registered) -> None:
+    fit, run_id, reg = registered
+    assert reg.version == "1" and reg.champion and reg.reason == "first champion"
+    mv = MlflowClient().get_model_version_by_alias(NAME, "champion")
+    assert str(mv.version) == "1"
+    assert float(mv.tags[registry.SCORE_TAG]) == fit.crossfit_score
+    assert mv.tags["rockcls.members"] == ",".join(fit.run_ids) and mv.tags["rockcls.ensemble_run"] == run_id
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["rockcls.model_version"] == "1" and tags[registry.MODEL_URI_TAG].startswith("models:/")
+
+
+def test_load_by_alias_predicts_paths_with_the_fitted_weights_and_bias(registered, images) -> None:
+    fit, _, _ = registered
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = model.predict(pd.DataFrame({"img_path": images}))
+    prob_cols = [f"prob_{c}" for c in fit.classes]
+    assert list(out.columns) == ["label", *prob_cols, "error"]
+    assert (out["error"] == "").all()
+    np.testing.assert_allclose(out[prob_cols].sum(axis=1), 1.0, atol=1e-6)
+    # the same rule by hand from the two train runs: softmax(log(sum_m w_m p_m) + b), with d4 TTA
+    member_probs = [predict.load_run_predictor(r).predict(images, tta="d4", device="cpu").probs for r in fit.run_ids]
+    scores = np.log(0.7 * member_probs[0] + 0.3 * member_probs[1]) + fit.bias
+    expected = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    np.testing.assert_allclose(out[prob_cols].to_numpy(), expected, atol=1e-5)
+    assert list(out["label"]) == [fit.classes[k] for k in scores.argmax(1)]
+
+
+def test_base64_input_gives_the_same_predictions_as_paths(registered, images) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    encoded = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in images]
+    by_path = model.predict(pd.DataFrame({"img_path": images}), params={"tta": "none"})
+    by_b64 = model.predict(pd.DataFrame({"image_b64": encoded}), params={"tta": "none"})
+    pd.testing.assert_frame_equal(by_path, by_b64)
+    as_data_url = model.predict(pd.DataFrame({"image_b64": ["data:image/png;base64," + encoded[0]]}),
+                                params={"tta": "none"})
+    pd.testing.assert_frame_equal(as_data_url, by_path.iloc[:1])
+    assert not np.allclose(by_path.iloc[:, 1:-1], model.predict(pd.DataFrame({"img_path": images})).iloc[:, 1:-1])
+
+
+def test_bad_rows_get_an_error_and_no_label(registered, images, tmp_path) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    frame = pd.DataFrame({"img_path": [images[0], str(tmp_path / "bad.png"), str(tmp_path / "none.png"), "", None],
+                          "image_b64": [None, None, None, "%%%", None]})
+    out = model.predict(frame)
+    assert out["label"].iloc[0] != "" and out["error"].iloc[0] == ""
+    assert list(out["label"].iloc[1:]) == ["", "", "", ""]
+    assert "not a decodable image" in out["error"].iloc[1] and "unreadable" in out["error"].iloc[2]
+    assert out["error"].iloc[3] == "image_b64: not valid base64"
+    assert out["error"].iloc[4].startswith("no image given")
+    assert out.iloc[1:, 1:-1].isna().all().all()
+
+
+def test_wrong_input_columns_and_bad_params_are_refused(registered) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with pytest.raises(MlflowException, match="model input needs a column 'img_path'"):
+        model.predict(pd.DataFrame({"path": ["x.png"]}))
+    with pytest.raises(MlflowException, match="tta: must be one of none, flip, d4; got 'd8'"):
+        model.predict(pd.DataFrame({"img_path": ["x.png"]}), params={"tta": "d8"})
+
+
+def test_logged_model_has_signature_example_manifest_and_installable_requirements(registered) -> None:
+    fit, _, _ = registered
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1"))
+    reqs = (root / "requirements.txt").read_text().split()
+    assert "torch==2.14.1" in reqs and "torchvision==0.29.1" in reqs and "timm==1.0.31" in reqs
+    assert all("+" not in r for r in reqs), reqs  # no local version suffixes such as +cu130
+    assert any(r.startswith("mlflow==") for r in reqs)
+    info = mlflow.models.get_model_info(f"models:/{NAME}/1")
+    inputs = {c["name"]: c for c in info.signature.inputs.to_dict()}
+    assert set(inputs) == {"img_path", "image_b64"} and not any(c["required"] for c in inputs.values())
+    outputs = [c["name"] for c in info.signature.outputs.to_dict()]
+    assert outputs == ["label", *[f"prob_{c}" for c in fit.classes], "error"]
+    assert "image_b64" in json.loads((root / "input_example.json").read_text())["columns"]
+    manifest = json.loads(next(root.rglob("ensemble.json")).read_text())
+    assert [len(m["checkpoints"]) for m in manifest["members"]] == [2, 2]  # every fold of every member
+    assert manifest["tta"] == "d4" and manifest["classes"] == fit.classes
+    assert [m["weight"] for m in manifest["members"]] == [0.7, 0.3]
+    assert len(list(root.rglob("member*_fold*.pt"))) == 4
+    assert (root / "code" / "rockcls" / "registry.py").is_file()
+
+
+LOAD_WITHOUT_INSTALLED_ROCKCLS = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]  # hide the editable install
+import importlib.util
+assert importlib.util.find_spec("rockcls") is None
+import mlflow, pandas as pd
+out = mlflow.pyfunc.load_model(sys.argv[1]).predict(pd.DataFrame({"img_path": sys.argv[2:]}))
+import rockcls
+print(rockcls.__file__)
+print(",".join(out["label"]))
+"""
+
+
+def test_model_loads_with_only_the_registry_uri_and_its_own_code(registered, images, store) -> None:
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_INSTALLED_ROCKCLS, f"models:/{NAME}@champion",
+                           *images[:2]], cwd=store, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    module_file, labels = done.stdout.strip().splitlines()[-2:]
+    assert "/code/rockcls/" in module_file and str(Path(__file__).parents[1]) not in module_file
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame({"img_path": images[:2]}))
+    assert labels.split(",") == list(local["label"])
+
+
+def test_pip_requirements_drop_local_version_suffixes(monkeypatch) -> None:
+    installed = {"torch": "2.14.1+cu130", "torchvision": "0.29.1+cu130"}
+    monkeypatch.setattr(registry.importlib.metadata, "version", lambda pkg: installed.get(pkg, "1.0"))
+    reqs = registry.pip_requirements()
+    assert reqs[:2] == ["torch==2.14.1", "torchvision==0.29.1"]
+    assert len(reqs) == len(registry.SERVING_PACKAGES) and all("+" not in r for r in reqs)
+
+
+def test_champion_alias_moves_only_on_improvement_or_force(registered) -> None:
+    fit, _, reg = registered
+    client = MlflowClient()
+    source = client.get_model_version(NAME, reg.version).source
+
+    def new_version(score: float | None) -> str:
+        tags = {} if score is None else {registry.SCORE_TAG: repr(score)}
+        return str(mlflow.register_model(source, NAME, tags=tags).version)
+
+    def champion() -> str:
+        return str(client.get_model_version_by_alias(NAME, "champion").version)
+
+    worse, tie, better = new_version(fit.score - 0.1), new_version(fit.score), new_version(fit.score + 0.1)
+    assert registry.update_champion(NAME, worse, fit.score - 0.1) == (False, f"does not beat version 1 "
+                                                                     f"({fit.score - 0.1:.4f} <= {fit.score:.4f})")
+    assert not registry.update_champion(NAME, tie, fit.score)[0] and champion() == "1"
+    moved, reason = registry.update_champion(NAME, better, fit.score + 0.1)
+    assert moved and reason.startswith("beats version 1") and champion() == better
+    moved, reason = registry.update_champion(NAME, worse, fit.score - 0.1, force=True)
+    assert moved and reason == f"forced over version {better}" and champion() == worse
+    unscored = new_version(None)
+    client.set_registered_model_alias(NAME, "champion", unscored)
+    moved, reason = registry.update_champion(NAME, better, fit.score + 0.1)
+    assert not moved and "has no rockcls.macro_f1 tag" in reason and champion() == unscored
+    for v in (worse, tie, better):  # every version keeps its score
+        assert registry.SCORE_TAG in client.get_model_version(NAME, v).tags
+    client.set_registered_model_alias(NAME, "champion", "1")
+
+
+def test_second_registration_of_a_worse_ensemble_leaves_the_champion(registered) -> None:
+    fit, _, _ = registered
+    worse = dataclasses.replace(fit, crossfit_score=fit.score - 0.2, weights=np.array([1.0, 0.0]))
+    run_id = ensemble.log_ensemble(worse, experiment="rockcls")
+    reg = registry.register_ensemble(worse, name=NAME, run_id=run_id)
+    assert not reg.champion and reg.reason.startswith("does not beat version 1")
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "1"
+    root = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{reg.version}"))
+    assert len(list(root.rglob("member*_fold*.pt"))) == 2  # a zero-weight member is not packed
+    forced = registry.register_ensemble(worse, name=NAME, run_id=run_id, force=True)
+    assert forced.champion
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == forced.version
+    MlflowClient().set_registered_model_alias(NAME, "champion", "1")
+
+
+def test_predict_command_with_a_registered_model_uses_its_tta(registered, images, store) -> None:
+    fit, run_id, _ = registered
+    pd.DataFrame({"ID": [f"r{i}" for i in range(len(images))], "img_path": images}).to_csv(store / "t.csv", index=False)
+    assert predict.main(["--model", f"models:/{NAME}@champion", "--data", str(store / "t.csv"),
+                         "--out", "reg.csv", "--num-workers", "0"]) == 0
+    sub = pd.read_csv(store / "reg.csv")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    assert list(sub["rock_type"]) == list(model.predict(pd.DataFrame({"img_path": images}))["label"])
+    with np.load(store / "reg_logits.npz") as z:
+        assert str(z["tta"]) == "d4"
+    assert predict.main(["--model", f"runs:/{run_id}", "--data", str(store / "t.csv"), "--out", "ens.csv",
+                         "--num-workers", "0"]) == 0  # an ensemble run predicts with its logged model
+    assert list(pd.read_csv(store / "ens.csv")["rock_type"]) == list(sub["rock_type"])
+
+
+def test_unknown_registered_model_is_a_one_line_error(registered, images) -> None:
+    with pytest.raises(registry.RockclsError, match="model: cannot load models:/nope@champion"):
+        predict.load_predictor("models:/nope@champion")
