@@ -4,8 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?=
 BACKBONE ?= davit_base
+TRIALS ?= 50
 
-.PHONY: setup test demo train ui clean
+.PHONY: setup test demo train tune ui clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,10 @@ demo: setup
 # `make train DATA=path/to/train BACKBONE=davit_base`: the MLproject entry point without conda.
 train: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -e train -P data=$(abspath $(DATA)) -P backbone=$(BACKBONE) --env-manager local
+
+# `make tune DATA=path/to/train TRIALS=50`: the Optuna study through MLproject, without conda.
+tune: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . -e tune -P data=$(abspath $(DATA)) -P backbone=$(BACKBONE) -P trials=$(TRIALS) --env-manager local
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -1,0 +1,42 @@
+"""Optuna search of rockcls training: `python search/tune.py --trials 50 --data DIR [...]`.
+
+Every train parameter given here (flag or ``--config`` YAML key) is fixed for all trials; the
+search varies the rest of lr, hn_ratio, balanced_ratio, hn_memory (and optionally
+label_smoothing, augment) within the ``--search-*`` ranges. Re-running the same command resumes
+the study up to ``--trials`` finished trials. See docs/tune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from rockcls.config import TrainConfig, add_config_arguments, config_from_args
+from rockcls.study import TuneConfig, build_search_config, run_study
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="search/tune.py",
+                                     description="Optuna study over rockcls training runs, tracked in MLflow")
+    add_config_arguments(parser.add_argument_group("study"), TuneConfig)
+    add_config_arguments(parser.add_argument_group("training (a value given here is fixed for every trial)"),
+                         TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    tune = config_from_args(TuneConfig, ns)
+    base, fixed = build_search_config({f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+    outcome = run_study(base, tune, fixed)
+    print(outcome.summary())
+    return 1 if any(outcome.worker_codes) else 0
+
+
+if __name__ == "__main__":
+    from rockcls.cli import run_command
+    from rockcls.progress import setup_logging
+
+    setup_logging()
+    sys.exit(run_command(main, sys.argv[1:]))
