@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from rockcls import tracking
+from rockcls.cache import resolve_cache_size
 from rockcls.checkpoint import load_checkpoint, save_checkpoint
 from rockcls.config import TrainConfig, build_config, default_cache_dir, save_yaml
 from rockcls.data import (DatasetIndex, ImageDataset, content_fingerprint, index_dataset,
@@ -89,8 +90,10 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 def load_dataset(cfg: TrainConfig) -> DatasetIndex:
     index = index_dataset(cfg.data)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    # With the cache on, validation's decode pass also fills it: each file is decoded once.
+    cache_size = resolve_cache_size(cfg.img_size, cfg.cache_size) if cfg.cache else 0
     return validate_images(index, skip_bad=cfg.skip_bad_images, cache_dir=cache_dir,
-                           workers=max(4, cfg.num_workers * 2))
+                           workers=max(4, cfg.num_workers * 2), cache_size=cache_size)
 
 
 def build_plan(cfg: TrainConfig) -> Plan:
@@ -379,6 +382,8 @@ class FoldTrainer:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         torch.manual_seed(hash((self.cfg.seed, self.fold, epoch)) % 2**31)
         self.sampler.set_epoch(epoch)
+        if self.cfg.num_workers == 0:  # seed_worker only runs in worker processes
+            self.train_loader.dataset.transform.set_random_seed(hash((self.cfg.seed, self.fold, epoch)) % 2**32)
         augment = DeviceAugment(build_device_augment(self.cfg.augment), seed=self.cfg.seed * 1000 + epoch)
         tr = train_one_epoch(self.model, self.train_loader, self.optimizer, self.settings, lr_at=self.lr_at,
                              start_step=self.state.step, augment=augment, memory=self.memory, ema=self.ema,

@@ -1,0 +1,262 @@
+"""Indexing, decoding and validation of datasets on disk (rockcls.data), bad input included."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import rockcls.data as data
+from rockcls.data import (FileSource, ImageDataset, file_fingerprint, index_dataset, list_files,
+                          load_image, open_source, to_chw_tensor, validate_images)
+from rockcls.errors import DataError
+from rockcls.synthetic import make_image
+
+
+def write_png(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok = cv2.imwrite(str(path), img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    assert ok
+    return path
+
+
+@pytest.fixture
+def two_classes(tmp_path) -> Path:
+    """Two classes of four 24x24 PNGs each."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("granite", "basalt")):
+        for i in range(4):
+            write_png(tmp_path / "train" / name / f"{i}.png", make_image(c, 24, rng))
+    return tmp_path / "train"
+
+
+def no_decoding(monkeypatch) -> None:
+    def fail(path):
+        raise AssertionError(f"decoded {path} on a warm path")
+    monkeypatch.setattr(data, "load_image", fail)
+
+
+# ---------------------------------------------------------------------------- indexing
+
+def test_index_class_folders_sorted_labels_and_ids(two_classes):
+    index = index_dataset(two_classes)
+    assert index.classes == ["basalt", "granite"]
+    assert index.ids[:4] == [f"basalt/{i}.png" for i in range(4)]
+    assert index.labels.tolist() == [0] * 4 + [1] * 4
+    assert all(Path(p).is_file() for p in index.paths)
+
+
+def test_listing_order_matches_sorted_rglob_and_skips_hidden(tmp_path):
+    names = ["a.png", "a/b.png", "a-b.png", "a b.png", "A.png", "a/z/y.png", "ab.png", "sub.d/q.png",
+             "sub/q.png", ".hidden.png", ".ipynb_checkpoints/a.png"]
+    for n in names:
+        (tmp_path / n).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / n).write_bytes(b"x")
+    expected = sorted(p for p in tmp_path.rglob("*")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(tmp_path).parts))
+    assert list_files(tmp_path) == [str(p) for p in expected]
+    assert not any(".ipynb_checkpoints" in p or ".hidden" in p for p in list_files(tmp_path))
+
+
+def test_index_flat_folder_unlabeled(two_classes):
+    index = index_dataset(two_classes, labeled=False)
+    assert len(index) == 8 and (index.labels == -1).all() and index.classes == []
+    assert index.ids[0] == os.path.join("basalt", "0.png")
+
+
+def test_index_csv_with_relative_paths(two_classes):
+    csv = two_classes.parent / "train.csv"
+    csv.write_text("img_path,label\ntrain/granite/0.png,granite\ntrain/basalt/1.png,basalt\n")
+    index = index_dataset(csv)
+    assert index.classes == ["basalt", "granite"]
+    assert index.labels.tolist() == [1, 0]
+    assert Path(index.paths[0]).is_file()
+
+
+def test_csv_with_wrong_columns_names_the_missing_column(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("path,rock\na.png,granite\n")
+    with pytest.raises(DataError, match=r"train\.csv lacks column\(s\) img_path, label \(has: path, rock\)"):
+        index_dataset(csv)
+
+
+def test_csv_with_unknown_labels_is_rejected(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("img_path,label\na.png,granite\nb.png,marble\n")
+    with pytest.raises(DataError, match=r"unknown label\(s\) in .*train\.csv: marble"):
+        index_dataset(csv, classes=["basalt", "granite"])
+
+
+def test_csv_with_an_empty_label_names_the_row(tmp_path):
+    csv = tmp_path / "train.csv"
+    csv.write_text("img_path,label\na.png,granite\nb.png,\nc.png,basalt\n")
+    with pytest.raises(DataError, match="row 3 has an empty label"):
+        index_dataset(csv)
+
+
+def test_empty_class_folder_is_rejected(two_classes):
+    (two_classes / "marble").mkdir()
+    with pytest.raises(DataError, match=r"class folder .*marble holds no images"):
+        index_dataset(two_classes)
+
+
+def test_single_class_is_rejected(tmp_path):
+    write_png(tmp_path / "train" / "granite" / "0.png", np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError, match="has a single class \\('granite'\\); need at least two"):
+        index_dataset(tmp_path / "train")
+
+
+def test_missing_dataset_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data: .*nowhere does not exist"):
+        index_dataset(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="no dataset given"):
+        index_dataset("")
+
+
+# ---------------------------------------------------------------------------- decoding
+
+def test_grayscale_rgba_16bit_are_converted_to_rgb_uint8(tmp_path):
+    gray = write_png(tmp_path / "gray.png", np.full((12, 20), 200, np.uint8))
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([np.full((12, 20, 3), (10, 20, 30), np.uint8), np.full((12, 20), 128, np.uint8)]),
+                    "RGBA").save(rgba)
+    deep = write_png(tmp_path / "deep.png", np.full((12, 20), 65535, np.uint16))
+    for path in (gray, rgba, deep):
+        img = load_image(str(path))
+        assert img.shape == (12, 20, 3) and img.dtype == np.uint8, path.name
+    assert (load_image(str(gray)) == 200).all()
+    assert load_image(str(rgba))[0, 0].tolist() == [10, 20, 30]  # channel order is RGB
+    assert (load_image(str(deep)) == 255).all()  # 16-bit white stays white
+
+
+def test_exif_rotated_jpeg_is_turned_upright(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)  # stored landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the upright image is portrait
+    Image.fromarray(pixels).save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(str(tmp_path / "rot.jpg")).shape == (40, 20, 3)
+
+
+def test_gif_is_decoded(tmp_path):
+    Image.fromarray(np.full((10, 14, 3), 90, np.uint8)).save(tmp_path / "a.gif")
+    assert load_image(str(tmp_path / "a.gif")).shape == (10, 14, 3)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"this is not an image at all", "not a decodable image"),
+])
+def test_bad_files_raise_a_data_error_naming_the_file(tmp_path, content, reason):
+    path = tmp_path / "x.png"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"x\.png: {reason}"):
+        load_image(str(path))
+
+
+def test_truncated_png_is_not_decodable(tmp_path):
+    good = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (30, 30, 3), dtype=np.uint8))[1]
+    (tmp_path / "cut.png").write_bytes(good.tobytes()[: len(good) // 2])
+    with pytest.raises(DataError, match=r"cut\.png: not a decodable image"):
+        load_image(str(tmp_path / "cut.png"))
+
+
+def test_missing_file_is_unreadable(tmp_path):
+    with pytest.raises(DataError, match=r"gone\.png: unreadable"):
+        load_image(str(tmp_path / "gone.png"))
+
+
+# ---------------------------------------------------------------------------- validation
+
+@pytest.fixture
+def with_bad_files(two_classes) -> Path:
+    """two_classes plus a corrupt, an empty, a too-small image and a non-image file."""
+    (two_classes / "granite" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (two_classes / "granite" / "empty.jpg").write_bytes(b"")
+    write_png(two_classes / "basalt" / "tiny.png", np.zeros((4, 30, 3), np.uint8))
+    (two_classes / "basalt" / "notes.txt").write_text("field notes")
+    return two_classes
+
+
+def test_bad_images_fail_validation_with_their_names(with_bad_files, tmp_path):
+    index = index_dataset(with_bad_files)
+    with pytest.raises(DataError, match=r"4 bad image\(s\): .*tiny\.png: too small \(30x4 px, need 8\).*"
+                                        r"skip_bad_images=true"):
+        validate_images(index, skip_bad=False, cache_dir=tmp_path / "cache", workers=2)
+
+
+def test_skip_bad_images_lists_every_skipped_file_with_its_reason(with_bad_files, tmp_path):
+    index = index_dataset(with_bad_files)
+    with pytest.warns(UserWarning, match=r"skipping 4 bad image\(s\)"):
+        kept = validate_images(index, skip_bad=True, cache_dir=tmp_path / "cache", workers=2)
+    assert len(kept) == 8
+    reasons = {Path(p).name: r for p, r in kept.skipped}
+    assert set(reasons) == {"corrupt.png", "empty.jpg", "tiny.png", "notes.txt"}
+    assert reasons["empty.jpg"] == "empty file"
+    assert reasons["corrupt.png"].startswith("not a decodable image")
+    assert reasons["notes.txt"] == "not an image file (extension)"
+
+
+def test_class_with_only_bad_images_is_an_error(two_classes, tmp_path):
+    for p in (two_classes / "basalt").iterdir():
+        p.write_bytes(b"broken")
+    with pytest.raises(DataError, match="class 'basalt' has no usable images"), pytest.warns(UserWarning):
+        validate_images(index_dataset(two_classes), skip_bad=True, cache_dir=tmp_path / "cache")
+
+
+def test_second_validation_of_unchanged_files_decodes_nothing(with_bad_files, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    with pytest.warns(UserWarning):
+        first = validate_images(index_dataset(with_bad_files), skip_bad=True, cache_dir=cache, workers=2)
+    no_decoding(monkeypatch)
+    with pytest.warns(UserWarning):
+        second = validate_images(index_dataset(with_bad_files), skip_bad=True, cache_dir=cache, workers=2)
+    assert second.paths == first.paths and second.skipped == first.skipped
+
+
+def test_validation_runs_again_when_a_file_changes(two_classes, tmp_path):
+    cache = tmp_path / "cache"
+    validate_images(index_dataset(two_classes), skip_bad=False, cache_dir=cache)
+    victim = two_classes / "granite" / "2.png"
+    before = file_fingerprint(index_dataset(two_classes).paths)
+    victim.write_bytes(b"now broken")
+    os.utime(victim, ns=(1, 1))  # a different mtime even on coarse-grained file systems
+    assert file_fingerprint(index_dataset(two_classes).paths) != before
+    with pytest.raises(DataError, match=r"granite/2\.png: not a decodable image"):
+        validate_images(index_dataset(two_classes), skip_bad=False, cache_dir=cache)
+
+
+def test_foreign_or_torn_verdict_file_is_ignored(two_classes, tmp_path):
+    cache = tmp_path / "cache"
+    index = index_dataset(two_classes)
+    validate_images(index, skip_bad=False, cache_dir=cache)
+    (verdicts,) = (cache / "index").iterdir()
+    verdicts.write_text('{"reasons": ["")')  # cut short
+    assert len(validate_images(index, skip_bad=False, cache_dir=cache)) == 8
+    assert json.loads(verdicts.read_text()) == {"reasons": [""] * 8}  # rewritten whole
+
+
+# ---------------------------------------------------------------------------- sources
+
+def test_file_source_and_dataset_give_uint8_chw(two_classes):
+    index = index_dataset(two_classes)
+    source = open_source(index)
+    assert isinstance(source, FileSource) and len(source) == 8
+    ds = ImageDataset(source, [3, 5], index.labels[[3, 5]])
+    x, y, pos = ds[1]
+    assert x.dtype == torch.uint8 and x.shape == (3, 24, 24)
+    assert (y, pos) == (1, 1)
+    assert np.array_equal(x.permute(1, 2, 0).numpy(), load_image(index.paths[5]))
+
+
+def test_to_chw_tensor_equals_permute_and_is_contiguous():
+    img = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)[3:25, 5:33]  # a crop: a view
+    out = to_chw_tensor(img)
+    assert out.is_contiguous() and out.dtype == torch.uint8
+    assert torch.equal(out, torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
+    assert to_chw_tensor(img[..., 0]).shape == (1, 22, 28)  # a single-channel transform output
