@@ -15,19 +15,38 @@ from rockcls.config import TrainConfig, build_config  # noqa: E402
 from rockcls.synthetic import make_dataset  # noqa: E402
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    """A private SQLite tracking store and artifact root; cwd moves to tmp_path."""
+def use_store(mp: pytest.MonkeyPatch, root: Path) -> str:
+    """Point MLflow and the image cache at a private SQLite store under ``root`` (cwd there too)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("ROCKCLS_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(var, raising=False)
+        mp.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
-    yield uri
+    return uri
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A private SQLite tracking store and artifact root for one test; cwd moves to tmp_path."""
+    import mlflow
+
+    yield use_store(monkeypatch, tmp_path)
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A private store shared by one test module, so its runs are trained once per module."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        use_store(mp, root)
+        yield root
     mlflow.set_tracking_uri(None)
 
 

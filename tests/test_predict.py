@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import cv2
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -27,20 +26,6 @@ from tests.conftest import tiny_config
 CLASSES = ["a", "b", "c"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module, so the train run below is trained once."""
-    root = tmp_path_factory.mktemp("predict_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mlflow.set_tracking_uri(uri)
-        yield root
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

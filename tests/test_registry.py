@@ -23,19 +23,6 @@ from tests.conftest import tiny_config
 NAME = "rockcls-test"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("registry_store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            mp.delenv(var, raising=False)
-        mlflow.set_tracking_uri(uri)
-        yield root
-        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -27,6 +28,7 @@ from rockcls.config import build_config
 from rockcls.errors import ConfigError
 from rockcls.synthetic import make_dataset
 from tests import postgres
+from tests.conftest import use_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "search" / "tune.py"
@@ -49,18 +51,6 @@ tune = load_tune()
 def data_dir(tmp_path_factory) -> Path:
     """40 synthetic images in 3 imbalanced classes, shared by every test here."""
     return make_dataset(tmp_path_factory.mktemp("tune-data") / "train", [16, 14, 10], size=40, seed=1)
-
-
-def use_store(mp: pytest.MonkeyPatch, root: Path) -> str:
-    """A private SQLite MLflow store under ``root`` (and cwd there), like conftest's mlflow_store."""
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        mp.delenv(var, raising=False)
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 def trial_runs(client: MlflowClient, study_run_id: str) -> dict[int, object]:
