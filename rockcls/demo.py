@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--register", default="rockcls-demo", help="registered model name of the demo ensemble")
+    p.add_argument("--trials", type=int, default=4, help="trials of the demo's Optuna study; 0 = skip it")
     return p
 
 
@@ -73,6 +74,18 @@ def load_registered(name: str, test_csv: Path) -> pd.DataFrame:
     return model.predict(pd.DataFrame({"img_path": paths}))
 
 
+def search(train: Path, experiment: str, name: str, trials: int) -> str:
+    """A small Optuna study (search/tune.py's machinery) whose best trials are ensembled."""
+    from rockcls.study import TuneConfig, build_search_config, run_study
+
+    base, fixed = build_search_config({
+        "data": str(train), "backbone": "test_efficientnet", "pretrained": False, "img_size": 32,
+        "epochs": 3, "batch_size": 32, "num_workers": 0, "device": "cpu", "experiment": experiment})
+    tune = build_config(TuneConfig, {"trials": trials, "top_k": 2, "register": name, "search_lr": "3e-4:1e-2",
+                                     "sampler_startup": 2, "pruner_startup": 2, "heartbeat": 10})
+    return run_study(base, tune, fixed).summary()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -82,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = predict_and_score(results[0].run_id, test_csv, out / "submission.csv")
     ensemble_and_register([r.run_id for r in results], args.experiment, args.register)
     print(load_registered(args.register, test_csv).to_string())
+    study = search(train, args.experiment, f"{args.register}-search", args.trials) if args.trials else ""
     print("\nrockcls demo summary")
     for r in results:
         print(f"  train run {r.run_id}: cv_macro_f1 {r.cv_macro_f1:.4f}")
     print(f"  submission {out / 'submission.csv'}: accuracy on the synthetic test set {accuracy:.3f} (d4 TTA)")
     print(f"  registered model: models:/{args.register}@champion")
+    if study:
+        print("  " + study.replace("\n", "\n  "))
     print(f"\nbrowse the runs: mlflow ui   (experiment {args.experiment!r}, store ./mlflow.db)")
     return 0 if all(np.isfinite(r.cv_macro_f1) for r in results) else 1

@@ -1,0 +1,20 @@
+import subprocess
+import sys
+
+import mlflow.pyfunc
+import pandas as pd
+
+
+def test_demo_runs_the_whole_workflow(mlflow_store, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rockcls", "demo", "--epochs", "2", "--folds", "2", "--trials", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("cv_macro_f1") >= 2 and "accuracy on the synthetic test set" in out
+    assert "2/2 trials finished" in out and "mlflow ui" in out
+    submission = pd.read_csv(tmp_path / "demo_data" / "submission.csv")
+    assert len(submission) == 30 and submission["label"].notna().all()
+    model = mlflow.pyfunc.load_model("models:/rockcls-demo@champion")
+    image = next((tmp_path / "demo_data" / "test_images").rglob("*.png"))
+    pred = model.predict(pd.DataFrame({"img_path": [str(image)]}))
+    assert pred["label"].iloc[0].startswith("synthetic_")
