@@ -56,7 +56,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     ema=None, scaler: torch.amp.GradScaler | None = None, desc: str = "train") -> dict:
     """Train for one pass over ``loader``; update the hard-negative memory after every step."""
     model.train()
-    step, seen, loss_sum, micro = start_step, 0, 0.0, 0
+    step, seen, micro = start_step, 0, 0
+    loss_sum = torch.zeros((), device=s.device)
+    # Per-sample results stay on the device until the optimizer step: one host sync per step.
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     start = time.perf_counter()
     total = len(loader) if hasattr(loader, "__len__") else 0
@@ -66,27 +68,37 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             logits = model(prepare_batch(x, s, augment))
             losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=s.label_smoothing)
         loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at step {step}")
         (scaler.scale(loss) if scaler else loss).div(s.accumulation_steps).backward()
-        pending.append((pos, losses.detach().float().cpu(), (logits.argmax(1) != y).cpu()))
-        loss_sum += loss.item() * len(y)
+        pending.append((pos, losses.detach(), logits.argmax(1) != y))
+        loss_sum += losses.detach().sum()
         seen += len(y)
         micro += 1
         if micro % s.accumulation_steps == 0:
-            _optimizer_step(model, optimizer, s, scaler, lr_at(step))
-            step += 1
+            step = _finish_step(model, optimizer, s, scaler, lr_at, step, memory, pending)
             if ema is not None:
                 ema.update(model, step=step)
-            _update_memory(memory, pending)
             pending = []
     if pending:  # a trailing partial accumulation still counts as a step
-        _optimizer_step(model, optimizer, s, scaler, lr_at(step))
-        step += 1
-        _update_memory(memory, pending)
+        step = _finish_step(model, optimizer, s, scaler, lr_at, step, memory, pending)
+        if ema is not None:
+            ema.update(model, step=step)
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum / max(seen, 1), "lr": lr_at(max(step - 1, 0)), "steps": step,
+    return {"train_loss": loss_sum.item() / max(seen, 1), "lr": lr_at(max(step - 1, 0)), "steps": step,
             "images": seen, "train_images_per_s": seen / max(seconds, 1e-9)}
+
+
+def _finish_step(model, optimizer, s: StepSettings, scaler, lr_at: Callable[[int], float], step: int,
+                 memory: HardNegativeMemory | None, pending: list) -> int:
+    """Check the step's losses, step the optimizer, feed the memory; returns the new step count."""
+    pos = torch.cat([p[0] for p in pending]).numpy()
+    losses = torch.cat([p[1] for p in pending]).float().cpu().numpy()
+    if not np.isfinite(losses).all():
+        raise NonFiniteLoss(f"loss is {float(np.mean(losses))} at step {step}")
+    _optimizer_step(model, optimizer, s, scaler, lr_at(step))
+    if memory is not None:
+        wrong = torch.cat([p[2] for p in pending]).cpu().numpy()
+        memory.update(pos, losses, wrong)
+    return step + 1
 
 
 def _optimizer_step(model, optimizer, s: StepSettings, scaler, lr: float) -> None:
@@ -102,15 +114,6 @@ def _optimizer_step(model, optimizer, s: StepSettings, scaler, lr: float) -> Non
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def _update_memory(memory: HardNegativeMemory | None, pending: list) -> None:
-    if memory is None or not pending:
-        return
-    pos = torch.cat([p[0] for p in pending]).numpy()
-    losses = torch.cat([p[1] for p in pending]).numpy()
-    wrong = torch.cat([p[2] for p in pending]).numpy()
-    memory.update(pos, losses, wrong)
 
 
 @torch.inference_mode()

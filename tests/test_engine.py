@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from rockcls.engine import NonFiniteLoss, StepSettings, cosine_with_warmup, train_one_epoch
+from rockcls.sampling import HardNegativeMemory
+
+SETTINGS = StepSettings(device=torch.device("cpu"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                        accumulation_steps=2)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
+
+
+def batches(n: int):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 255, (4, 3, 4, 4), dtype=torch.uint8, generator=g), torch.tensor([0, 1, 0, 1]),
+             torch.arange(4) + 4 * i) for i in range(n)]
+
+
+def test_steps_count_accumulation_and_feed_the_memory():
+    model, memory = tiny_model(), HardNegativeMemory(capacity=100, num_samples=20)
+    out = train_one_epoch(model, batches(5), torch.optim.SGD(model.parameters(), lr=0.1), SETTINGS,
+                          lr_at=lambda step: 0.1, start_step=3, memory=memory)
+    assert out["steps"] == 3 + 3  # 5 micro-batches, accumulation 2: two full steps and a trailing one
+    assert out["images"] == 20 and out["train_loss"] > 0
+    assert set(memory.ids()) <= set(range(20)) and len(memory) > 0  # misclassified samples were stored
+
+
+def test_nan_loss_stops_training_with_a_clear_error():
+    model = tiny_model()
+    with torch.no_grad():
+        model[1].weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 0"):
+        train_one_epoch(model, batches(2), torch.optim.SGD(model.parameters(), lr=0.1), SETTINGS,
+                        lr_at=lambda step: 0.1, start_step=0)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    lr_at = cosine_with_warmup(base_lr=1.0, total_steps=100, warmup_steps=10)
+    assert lr_at(0) == pytest.approx(0.1) and lr_at(9) == pytest.approx(1.0)
+    assert lr_at(10) == pytest.approx(1.0) and lr_at(99) < 0.02
+    assert all(lr_at(k) >= lr_at(k + 1) for k in range(10, 99))
