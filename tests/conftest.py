@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,14 @@ def tiny_config(data: Path | str, **overrides) -> TrainConfig:
 @pytest.fixture
 def tiny_cfg():
     return tiny_config
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in its own session (uvicorn children included), this test's group only."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

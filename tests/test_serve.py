@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 
 from rockcls import ensemble, registry, tracking
 from rockcls.train import run_training
-from tests.conftest import tiny_config
+from tests.conftest import stop_group, tiny_config
 
 NAME = "rockcls-serve"
 BIN = Path(sys.executable).parent
@@ -86,13 +85,7 @@ def server(champion, store):
             time.sleep(0.5)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
         log.close()
 
 

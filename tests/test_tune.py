@@ -28,7 +28,7 @@ from rockcls.config import build_config
 from rockcls.errors import ConfigError
 from rockcls.synthetic import make_dataset
 from tests import postgres
-from tests.conftest import use_store
+from tests.conftest import stop_group, use_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "search" / "tune.py"
@@ -375,17 +375,6 @@ def start_mlflow_server(backend: str, artifacts: Path, log_file: Path) -> tuple[
             time.sleep(0.5)
     stop_group(server)
     raise AssertionError(f"mlflow server not healthy in time: {log_file.read_text()[-2000:]}")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """The server runs uvicorn children in its own session: stop that group, which this test started."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_postgres_storage_and_tracking_server_with_two_tune_processes(pg_cluster, tmp_path, data_dir, monkeypatch):
