@@ -271,6 +271,7 @@ QUEUE_WORKER = textwrap.dedent("""
     ran = []
     def objective(trial):
         ran.append(trial.number)
+        time.sleep(0.05)  # a trial takes time; an instant one lets one process win every claim
         return trial.suggest_float("x", 0, 1)
     try:
         study.optimize(objective)
