@@ -19,9 +19,11 @@ import yaml
 
 from rockcls.errors import ConfigError
 
-AUGMENTS = ("none", "light", "seed", "winner")
+AUGMENTS = ("none", "d4", "crop", "light", "seed", "winner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+SELECT_MODES = ("last", "best")
+TTA_MODES = ("none", "flip", "d4")
 
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
@@ -57,10 +59,15 @@ class TrainConfig:
     amp: str = _opt("auto", "autocast on GPU: auto (bf16 if supported), bf16, fp16, off", choices=AMP_MODES)
     ema: float = _opt(0.0, "EMA decay of weights, evaluated instead of the raw model; 0 = off", min=0.0, lt=1.0)
     early_stop: int = _opt(0, "stop a fold after this many epochs without val macro-F1 gain; 0 = off", min=0)
+    select: str = _opt("last", "weights each fold keeps: last (its OOF score is unbiased) or best "
+                               "(highest val macro-F1 epoch; that OOF score is optimistic)", choices=SELECT_MODES)
+    tta: str = _opt("none", "test-time views of the out-of-fold predictions: none, flip, d4 "
+                            "(predict uses the same by default)", choices=TTA_MODES)
     grad_clip: float = _opt(1.0, "gradient-norm clipping; 0 = off", min=0.0)
     num_workers: int = _opt(2, "DataLoader worker processes", min=0)
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    seed: int = _opt(42, "seed of the split, sampling and initialisation")
+    seed: int = _opt(42, "seed of initialisation, sampling and augmentation", min=0)
+    split_seed: int = _opt(42, "seed of the fold split (members of one ensemble share it)", min=0)
     experiment: str = _opt("rockcls", "MLflow experiment name")
     skip_bad_images: bool = _opt(False, "warn and skip unreadable images instead of failing")
     cache: bool = _opt(True, "decode images once into a resized uint8 cache shared by runs")

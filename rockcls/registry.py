@@ -250,7 +250,7 @@ def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "n
     # Full precision (repr): the champion comparison reads the score back from this tag.
     tags = {SCORE_TAG: repr(float(fit.score)), "rockcls.insample_macro_f1": repr(float(fit.insample_score)),
             "rockcls.equal_weight_macro_f1": repr(float(fit.equal_weight_score)), "rockcls.ensemble_run": run_id,
-            "rockcls.members": ",".join(fit.run_ids), "rockcls.tta": tta,
+            "rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy, "rockcls.tta": tta,
             "rockcls.split_fingerprint": fit.split.get("rockcls.split_fingerprint", "")}
     version = mlflow.register_model(info.model_uri, name, tags=tags).version
     moved, reason = update_champion(name, str(version), fit.score, force=force)

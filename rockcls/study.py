@@ -886,7 +886,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     devices = parse_devices(tune.devices)
     space = build_search_space(tune, fixed)
     index = training.load_dataset(base)  # bad data fails here once, not in every trial
-    make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.seed)
+    make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.split_seed)
     identity = study_identity(base, space, content_fingerprint(index))
     url = resolve_storage_url(tune.storage, tracking.tracking_uri())
     plan = StudyPlan(base, tune, sorted(fixed), tune.study_name or default_study_name(identity), url)

@@ -20,17 +20,18 @@ import torch
 import yaml
 
 from rockcls import tracking
-from rockcls.cache import resolve_cache_size
-from rockcls.checkpoint import load_checkpoint, save_checkpoint
+from rockcls.cache import resolve_cache_dir, resolve_cache_size
+from rockcls.checkpoint import load_checkpoint, save_checkpoint, write_npz_atomic
 from rockcls.config import TrainConfig, build_config, default_cache_dir, save_yaml
 from rockcls.data import (DatasetIndex, ImageDataset, content_fingerprint, index_dataset,
                           make_folds, open_source, split_fingerprint, validate_images)
 from rockcls.engine import StepSettings, cosine_with_warmup, evaluate, train_one_epoch
 from rockcls.errors import ConfigError, RockclsError
 from rockcls.metrics import confusion_figure, macro_f1, per_class_f1
-from rockcls.models import build_model, model_spec
+from rockcls.models import build_model, build_model_with_report, model_spec
 from rockcls.sampling import HardNegativeMemory, MixtureBatchSampler
-from rockcls.transforms import DeviceAugment, build_device_augment, build_eval_transform, build_train_transform
+from rockcls.transforms import (DeviceAugment, build_device_augment, build_eval_transform, build_train_transform,
+                                tta_views)
 
 log = logging.getLogger("rockcls")
 EpochHook = Callable[[int, int, dict[str, float]], None]
@@ -99,7 +100,8 @@ def load_dataset(cfg: TrainConfig) -> DatasetIndex:
 def build_plan(cfg: TrainConfig) -> Plan:
     device = resolve_device(cfg.device)
     index = load_dataset(cfg)
-    fold_of = make_folds(index.labels, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    fold_of = make_folds(index.labels, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    weights = describe_weights(cfg, len(index.classes))
     eff = cfg.batch_size * cfg.accumulation_steps
     n_train = int((fold_of != 0).sum())
     n_hard = round(cfg.hn_ratio * eff) if cfg.hn_memory > 0 else 0
@@ -115,9 +117,22 @@ def build_plan(cfg: TrainConfig) -> Plan:
         "split_fingerprint": split_fingerprint(index, fold_of),
         "device": str(device),
         "amp_dtype": str(resolve_amp(cfg.amp, device)).replace("torch.", ""),
+        **weights,
     }
     return Plan(cfg, index, fold_of, device, resolve_amp(cfg.amp, device),
                 list(range(cfg.folds)), derived)
+
+
+def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """Build the model once before any run opens: a bad backbone or weights source fails here, and
+    what the pretrained weights gave the model is logged with the run."""
+    _, report = build_model_with_report(cfg.backbone, num_classes, pretrained=cfg.pretrained,
+                                        pretrained_path=cfg.pretrained_path, cache_dir=resolve_cache_dir(cfg.cache_dir))
+    if report is None:
+        return {"init": "random"}
+    log.info("pretrained weights: %s", report.summary())
+    return {"init": report.source, "init_tensors_loaded": f"{report.loaded}/{report.total} {report.matched_by}",
+            "init_reinitialised": ",".join(report.reinitialised) or "none"}
 
 
 # ---------------------------------------------------------------------------- the run
@@ -175,6 +190,7 @@ def open_train_run(plan: Plan, *, parent_run_id: str | None, kind: str, tags: di
     run_tags = {"rockcls.data_fingerprint": plan.derived["data_fingerprint"],
                 "rockcls.split_fingerprint": plan.derived["split_fingerprint"],
                 "rockcls.backbone": cfg.backbone, "rockcls.seed": str(cfg.seed),
+                "rockcls.split_seed": str(cfg.split_seed),
                 "rockcls.folds": str(cfg.folds), **(tags or {})}
     run_id = tracking.start_run(experiment=cfg.experiment, name=f"{kind}-{cfg.backbone}", kind=kind,
                                 parent_run_id=parent_run_id, tags=run_tags, adopt_env_run=parent_run_id is None)
@@ -229,7 +245,7 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
     shutil.rmtree(run_dir(plan.cfg, run_id), ignore_errors=True)
     log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
     return TrainResult(run_id, score, pcf, classes, index.ids, index.labels, plan.fold_of, logits,
-                       {k: r["best_f1"] for k, r in fold_results.items()})
+                       {k: r["score"] for k, r in fold_results.items()})
 
 
 def _safe(name: str) -> str:
@@ -250,7 +266,7 @@ class FoldState:
     step: int = 0
     best_f1: float = -1.0
     best_epoch: int = -1
-    stale_epochs: int = 0
+    stale_epochs: int = 0  # epochs since best_epoch
 
 
 def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None) -> dict:
@@ -282,7 +298,7 @@ def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
 
 def load_fold_result(plan: Plan, fold_run: str) -> dict:
     with np.load(tracking.download(fold_run, "oof_fold.npz")) as z:
-        return {"rows": z["rows"], "logits": z["logits"], "best_f1": float(z["best_f1"])}
+        return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"])}
 
 
 class FoldTrainer:
@@ -295,7 +311,8 @@ class FoldTrainer:
         self.val_rows = np.flatnonzero(plan.fold_of == fold)
         torch.manual_seed(self.cfg.seed * 100 + fold)
         self.model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
-                                 pretrained_path=self.cfg.pretrained_path).to(plan.device)
+                                 pretrained_path=self.cfg.pretrained_path,
+                                 cache_dir=resolve_cache_dir(self.cfg.cache_dir)).to(plan.device)
         if plan.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.spec = model_spec(self.model, self.cfg.backbone, plan.index.classes, self.cfg.img_size, self.cfg.augment)
@@ -391,9 +408,10 @@ class FoldTrainer:
         ev = evaluate(self.ema.module if self.ema else self.model, self.val_loader, self.settings,
                       desc=f"fold {self.fold} val")
         metrics = self._epoch_metrics(tr, ev)
-        self._track_best(epoch, metrics["val_macro_f1"], ev)
+        self._track_best(epoch, metrics["val_macro_f1"])
         self.state.epoch, self.state.step = epoch + 1, tr["steps"]
         save_checkpoint(self.checkpoint(metrics), self.dir / "last.pt")
+        self._drop_stale_best()
         tracking.log_metrics(self.run_id, metrics, step=epoch)
         log.info("fold %d epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f", self.fold, epoch,
                  metrics["train_loss"], metrics["val_loss"], metrics["val_macro_f1"])
@@ -409,25 +427,54 @@ class FoldTrainer:
                 "hn_memory_size": float(len(self.memory)) if self.memory else 0.0,
                 **{f"val_f1.{_safe(c)}": v for c, v in pcf.items()}}
 
-    def _track_best(self, epoch: int, f1: float, ev: dict) -> None:
+    def _track_best(self, epoch: int, f1: float) -> None:
         if f1 <= self.state.best_f1:
             self.state.stale_epochs += 1
             return
         self.state.best_f1, self.state.best_epoch, self.state.stale_epochs = f1, epoch, 0
-        weights = (self.ema.module if self.ema else self.model).state_dict()
-        save_checkpoint({"model": weights, "spec": self.spec, "classes": self.spec["classes"],
-                         "epoch": epoch, "val_macro_f1": f1, "fold": self.fold}, self.dir / "best.pt")
-        rows = self.val_rows[ev["positions"]]
-        np.savez(self.dir / "oof_fold.npz", rows=rows, logits=ev["logits"], best_f1=np.float64(f1))
+        if self.cfg.select == "best":
+            # Named by epoch: last.pt records which one is current, so a kill between the two
+            # writes leaves a resume with the pair last.pt says (the newer file is dropped).
+            weights = (self.ema.module if self.ema else self.model).state_dict()
+            save_checkpoint({"model": weights}, self._best_path(epoch))
+
+    def _best_path(self, epoch: int) -> Path:
+        return self.dir / f"best-{epoch}.pt"
+
+    def _drop_stale_best(self) -> None:
+        keep = self._best_path(self.state.best_epoch).name
+        for path in self.dir.glob("best-*.pt"):
+            if path.name != keep:
+                path.unlink(missing_ok=True)
 
     def finish(self) -> dict:
-        tracking.log_file(self.run_id, self.dir / "best.pt", "checkpoints")
-        tracking.log_file(self.run_id, self.dir / "oof_fold.npz")
-        tracking.log_metrics(self.run_id, {"best_val_macro_f1": self.state.best_f1,
-                                           "best_epoch": float(self.state.best_epoch)})
+        """Evaluate the kept weights (with the OOF test-time views), save and log the fold's result.
+
+        Everything here is derived from last.pt (and the best checkpoint it names), so a kill at any
+        point of this method is repaired by running it again on resume.
+        """
+        kept = self.ema.module if self.ema else self.model
+        kept_epoch = self.state.epoch - 1
+        if self.cfg.select == "best":
+            kept.load_state_dict(load_checkpoint(self._best_path(self.state.best_epoch), self.plan.device)["model"])
+            kept_epoch = self.state.best_epoch
+        ev = evaluate(kept, self.val_loader, self.settings, desc=f"fold {self.fold} oof",
+                      views=tta_views(self.cfg.tta))
+        score = macro_f1(ev["labels"], ev["logits"].argmax(1), len(self.plan.index.classes))
+        save_checkpoint({"model": kept.state_dict(), "spec": {**self.spec, "tta": self.cfg.tta},
+                         "classes": self.spec["classes"], "epoch": kept_epoch, "oof_macro_f1": score, "fold": self.fold},
+                        self.dir / "model.pt")
+        rows = self.val_rows[ev["positions"]]
+        oof = self.dir / "oof_fold.npz"
+        write_npz_atomic(oof, rows=rows, logits=ev["logits"], score=np.float64(score))
+        tracking.log_file(self.run_id, self.dir / "model.pt", "checkpoints")
+        tracking.log_file(self.run_id, oof)
+        tracking.log_metrics(self.run_id, {"oof_macro_f1": score, "best_val_macro_f1": self.state.best_f1,
+                                           "best_epoch": float(self.state.best_epoch),
+                                           "kept_epoch": float(kept_epoch)})
         tracking.set_tags(self.run_id, {"rockcls.complete": "true"})
-        with np.load(self.dir / "oof_fold.npz") as z:
-            result = {"rows": z["rows"], "logits": z["logits"], "best_f1": float(z["best_f1"])}
+        log.info("fold %d: kept epoch %d, OOF macro-F1 %.4f (tta %s)", self.fold, kept_epoch, score, self.cfg.tta)
+        result = {"rows": rows, "logits": ev["logits"], "score": score}
         shutil.rmtree(self.dir, ignore_errors=True)
         return result
 

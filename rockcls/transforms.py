@@ -19,6 +19,8 @@ from rockcls.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Test-time views as indices into `dihedral`: 5 is the horizontal flip, 7 the vertical flip.
+TTA_VIEWS: dict[str, tuple[int, ...]] = {"none": (0,), "flip": (0, 5, 7), "d4": tuple(range(8))}
 
 
 class RandomCenterCrop(A.ImageOnlyTransform):
@@ -64,8 +66,10 @@ class DeviceAugmentSpec:
 
 
 def _cpu_steps(name: str, size: int) -> list[A.BasicTransform]:
-    if name == "none":
+    if name in ("none", "d4"):
         return [A.Resize(size, size)]
+    if name == "crop":
+        return [A.RandomResizedCrop((size, size), scale=(0.35, 1.0), ratio=(0.75, 1.333))]
     if name == "light":
         return [A.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(0.9, 1.1))]
     if name == "seed":
@@ -73,11 +77,13 @@ def _cpu_steps(name: str, size: int) -> list[A.BasicTransform]:
     if name == "winner":
         return [PadToSquare(), A.RandomResizedCrop((size, size), scale=(0.4, 1.0)),
                 A.RandomBrightnessContrast(p=0.5), A.GridDropout(ratio=0.3, p=0.3)]
-    raise ConfigError(f"augment: unknown preset {name!r} (none, light, seed, winner)")
+    raise ConfigError(f"augment: unknown preset {name!r} ({', '.join(DEVICE_SPECS)})")
 
 
 DEVICE_SPECS = {
     "none": DeviceAugmentSpec(),
+    "d4": DeviceAugmentSpec(hflip=0.5, vflip=0.5, rot90=True),
+    "crop": DeviceAugmentSpec(hflip=0.5, vflip=0.5, rot90=True),
     "light": DeviceAugmentSpec(hflip=0.5, vflip=0.5),
     "seed": DeviceAugmentSpec(hflip=0.5, vflip=0.5, noise=0.3),
     "winner": DeviceAugmentSpec(hflip=0.5, vflip=0.5, rot90=True),
@@ -95,7 +101,7 @@ def build_eval_transform(name: str, img_size: int) -> A.Compose:
 
 def build_device_augment(name: str) -> DeviceAugmentSpec:
     if name not in DEVICE_SPECS:
-        raise ConfigError(f"augment: unknown preset {name!r} (none, light, seed, winner)")
+        raise ConfigError(f"augment: unknown preset {name!r} ({', '.join(DEVICE_SPECS)})")
     return DEVICE_SPECS[name]
 
 
@@ -103,6 +109,12 @@ def dihedral(x: torch.Tensor, view: int) -> torch.Tensor:
     """View 0..7 of the dihedral group on the last two dims: rot90 by view%4, then a transpose if >=4."""
     y = torch.rot90(x, view % 4, dims=(-2, -1)) if view % 4 else x
     return y.transpose(-2, -1) if view >= 4 else y
+
+
+def tta_views(name: str) -> tuple[int, ...]:
+    if name not in TTA_VIEWS:
+        raise ConfigError(f"tta: must be one of {', '.join(TTA_VIEWS)}; got {name!r}")
+    return TTA_VIEWS[name]
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

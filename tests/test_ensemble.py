@@ -96,9 +96,43 @@ def test_fit_ensemble_reports_members_equal_weights_in_sample_and_cross_fitted_s
     assert fit.crossfit_score == pytest.approx(macro_f1(labels, fit.crossfit_preds, 4))
     assert fit.crossfit_score > fit.member_scores["weak"]
     table = fit.score_table()
-    assert list(table["estimate"])[-2:] == ["in-sample (optimistic)", "cross-fitted over 5 groups (honest)"]
+    assert list(table["estimate"])[-2:] == ["in-sample (optimistic)", "honest"]
+    fitted = [fit.candidates["fitted weights"], fit.candidates["fitted weights + bias"]]
     assert list(table["macro_f1"]) == pytest.approx([*fit.member_scores.values(), fit.equal_weight_score,
-                                                     fit.insample_score, fit.crossfit_score])
+                                                     *fitted, fit.insample_score, fit.crossfit_score])
+    assert fit.crossfit_score == max(fit.candidates.values())
+    assert fit.candidates[fit.strategy] == fit.crossfit_score
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_chosen_ensemble_never_scores_below_equal_weights_or_its_best_member(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = _labels(300, seed)
+    fold = np.arange(300) % 3
+    strength = rng.uniform(0.0, 1.5, 3)
+    members = [_member(f"m{i}", labels, s * np.eye(4)[labels] + rng.normal(0, 1, (300, 4)), fold)
+               for i, s in enumerate(strength)]
+    fit = ensemble.fit_ensemble(members, bias=True)
+    assert fit.score >= fit.equal_weight_score
+    assert fit.score >= fit.best_member_score
+    assert fit.weights.sum() == pytest.approx(1.0)
+
+
+def test_a_fitted_rule_is_chosen_only_when_it_wins_on_held_out_folds() -> None:
+    rng = np.random.default_rng(8)
+    labels = _labels(200, 8)
+    fold = np.arange(200) % 4
+    members = [_member(f"n{i}", labels, rng.normal(0, 1, (200, 4)), fold) for i in range(3)]
+    fit = ensemble.fit_ensemble(members, bias=True)  # pure noise: fitting cannot generalise
+    assert fit.insample_score > max(fit.candidates["fitted weights"], fit.candidates["fitted weights + bias"])
+    if fit.strategy.startswith("fitted"):
+        assert fit.score > max(fit.equal_weight_score, fit.best_member_score)
+    shifted = _labels(1000, 2)
+    logits = 1.5 * np.eye(4)[shifted] + rng.normal(0, 1.0, (1000, 4))
+    logits[:, 3] -= 1.5  # a systematic under-score of one class: a bias that generalises
+    fit = ensemble.fit_ensemble([_member("m", shifted, logits, np.arange(1000) % 5)], bias=True)
+    assert fit.strategy == "fitted weights + bias"
+    assert fit.score > fit.equal_weight_score + 0.02
 
 
 def test_cross_fitted_score_is_not_optimistic_on_pure_noise() -> None:
@@ -107,7 +141,8 @@ def test_cross_fitted_score_is_not_optimistic_on_pure_noise() -> None:
     fold = np.arange(200) % 4
     members = [_member(f"n{i}", labels, rng.normal(0, 1, (200, 4)), fold) for i in range(3)]
     fit = ensemble.fit_ensemble(members, bias=True)
-    assert fit.insample_score > fit.crossfit_score + 0.05  # the search overfits noise in-sample
+    # the search overfits noise in-sample; its cross-fitted score shows it
+    assert fit.insample_score > fit.candidates["fitted weights + bias"] + 0.03
     assert fit.crossfit_score < 0.35  # chance level for 4 classes is about 0.25
 
 
@@ -140,16 +175,16 @@ def test_crossfit_groups_are_the_cv_folds_when_there_are_several() -> None:
 
 @pytest.fixture(scope="module")
 def runs(store, synthetic_dir):
-    """Two runs on the same split (only lr differs) and one with another seed, hence another split."""
+    """Two runs on the same split (lr and the training seed differ) and one with another split_seed."""
     a = run_training(tiny_config(synthetic_dir, epochs=2))
-    b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3))
-    c = run_training(tiny_config(synthetic_dir, epochs=1, seed=7))
+    b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3, seed=7))
+    c = run_training(tiny_config(synthetic_dir, epochs=1, split_seed=7))
     return a.run_id, b.run_id, c.run_id
 
 
 def test_members_with_another_split_are_refused_naming_the_mismatch(runs) -> None:
     a, _, c = runs
-    with pytest.raises(RockclsError, match=rf"run {c} does not share the split of run {a} \(.*seed 7 != 42; "
+    with pytest.raises(RockclsError, match=rf"run {c} does not share the split of run {a} \(.*split seed 7 != 42; "
                                            r"split fingerprint \w+ != \w+\)"):
         ensemble.load_members([a, c])
 
@@ -191,15 +226,16 @@ def test_ensemble_command_logs_weights_bias_scores_and_confusion_matrix(runs, ca
     a, b, _ = runs
     assert ensemble.main(["--runs", f"{a}, {b}", "--bias", "true", "--seed", "1"]) == 0
     out = capsys.readouterr().out
-    assert "cross-fitted over 2 groups (honest)" in out and "equal weights" in out
+    assert "cross-fitted over 2 groups" in out and "equal weights" in out and "honest" in out
     client = MlflowClient()
     run = client.search_runs([client.get_experiment_by_name("rockcls").experiment_id],
                              filter_string="tags.`rockcls.kind` = 'ensemble'")[0]
     assert run.info.status == "FINISHED" and run.data.tags["rockcls.members"] == f"{a},{b}"
     metrics = run.data.metrics
     for key in ("ensemble_macro_f1", "insample_macro_f1", "equal_weight_macro_f1", "weight.0", "weight.1",
-                "member_macro_f1.0", "member_macro_f1.1"):
+                "member_macro_f1.0", "member_macro_f1.1", "best_member_macro_f1"):
         assert key in metrics
+    assert metrics["ensemble_macro_f1"] >= max(metrics["equal_weight_macro_f1"], metrics["best_member_macro_f1"])
     assert metrics["weight.0"] + metrics["weight.1"] == pytest.approx(1.0)
     assert metrics["insample_macro_f1"] >= metrics["equal_weight_macro_f1"]
     assert metrics["member_macro_f1.0"] == pytest.approx(client.get_run(a).data.metrics["cv_macro_f1"])

@@ -53,14 +53,14 @@ def test_two_fold_run_is_fully_tracked(mlflow_store, synthetic_dir, tmp_path):
         for key in EPOCH_METRICS:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1]
         assert run.data.metrics["hn_memory_size"] > 0  # the hard-negative memory was filled
-        assert "checkpoints/best.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+        assert "checkpoints/model.pt" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
 
 
 def test_best_checkpoint_rebuilds_the_model_alone(mlflow_store, synthetic_dir, tmp_path):
     result = run_training(tiny_config(synthetic_dir, folds=1, epochs=1, hn_ratio=0.0, balanced_ratio=0.0))
     client = MlflowClient()
     fold_run = fold_runs(client, client.get_run(result.run_id))[0]
-    ck = load_checkpoint(client.download_artifacts(fold_run.info.run_id, "checkpoints/best.pt", str(tmp_path)))
+    ck = load_checkpoint(client.download_artifacts(fold_run.info.run_id, "checkpoints/model.pt", str(tmp_path)))
     model = build_model_from_spec(ck["spec"])
     model.load_state_dict(ck["model"])
     assert ck["classes"] == result.classes and ck["spec"]["img_size"] == 32
