@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rockcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, DeviceAugmentSpec,
+from rockcls.transforms import (build_eval_transform, build_train_transform, IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, DeviceAugmentSpec,
                                 build_device_augment, dihedral, normalize)
 
 
@@ -152,3 +152,19 @@ def test_presets_put_flips_and_noise_on_the_device():
     assert (seed.hflip, seed.vflip, seed.noise, seed.rot90) == (0.5, 0.5, 0.3, False)
     assert build_device_augment("winner").rot90 is True
     assert build_device_augment("none") == DeviceAugmentSpec()
+
+
+@pytest.mark.parametrize("preset", ["d4", "crop"])
+def test_dihedral_presets_squash_for_evaluation_and_draw_every_view_in_training(preset):
+    wide = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    assert build_eval_transform(preset, 16)(image=wide)["image"].shape == (16, 16, 3)
+    assert build_train_transform(preset, 16)(image=wide)["image"].shape == (16, 16, 3)
+    spec = build_device_augment(preset)
+    assert spec.hflip == spec.vflip == 0.5 and spec.rot90 and spec.noise == 0
+
+
+def test_tta_choices_of_the_config_are_the_views_prediction_knows():
+    from rockcls.config import TTA_MODES
+    from rockcls.transforms import TTA_VIEWS
+
+    assert set(TTA_MODES) == set(TTA_VIEWS)

@@ -72,13 +72,47 @@ def test_best_checkpoint_rebuilds_the_model_alone(mlflow_store, synthetic_dir, t
     assert np.isnan(result.oof_logits[~holdout]).all() and np.isfinite(result.oof_logits[holdout]).all()
 
 
-def test_same_seed_gives_the_same_split(mlflow_store, synthetic_dir):
+def test_the_split_follows_split_seed_not_the_training_seed(mlflow_store, synthetic_dir):
     a = run_training(tiny_config(synthetic_dir, epochs=1, folds=2))
-    b = run_training(tiny_config(synthetic_dir, epochs=1, folds=2, lr=1e-3))
+    b = run_training(tiny_config(synthetic_dir, epochs=1, folds=2, lr=1e-3, seed=9))
     c = MlflowClient()
     tag = "rockcls.split_fingerprint"
     assert c.get_run(a.run_id).data.tags[tag] == c.get_run(b.run_id).data.tags[tag]
     np.testing.assert_array_equal(a.fold_of, b.fold_of)
+    assert not np.array_equal(a.oof_logits, b.oof_logits)  # another seed trained another model
+    other = run_training(tiny_config(synthetic_dir, epochs=1, folds=2, split_seed=9))
+    assert c.get_run(other.run_id).data.tags[tag] != c.get_run(a.run_id).data.tags[tag]
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_a_fold_keeps_the_last_epoch_or_the_best_when_asked(mlflow_store, synthetic_dir, tmp_path, select):
+    result = run_training(tiny_config(synthetic_dir, folds=1, epochs=3, select=select, hn_ratio=0.0))
+    client = MlflowClient()
+    fold = fold_runs(client, client.get_run(result.run_id))[0]
+    history = client.get_metric_history(fold.info.run_id, "val_macro_f1")
+    best_epoch = max(history, key=lambda m: (m.value, -m.step)).step
+    kept = int(fold.data.metrics["kept_epoch"])
+    assert kept == (2 if select == "last" else best_epoch)
+    ck = load_checkpoint(client.download_artifacts(fold.info.run_id, "checkpoints/model.pt", str(tmp_path)))
+    assert ck["epoch"] == kept
+    # the OOF score is the kept weights' score on the fold (tta none: the per-epoch number)
+    assert fold.data.metrics["oof_macro_f1"] == pytest.approx(next(m.value for m in history if m.step == kept))
+    assert list(Path(mlflow_store.removeprefix("sqlite:///")).parent.glob("outputs/*/fold_0/*")) == []
+
+
+def test_oof_predictions_use_the_requested_views_and_predict_uses_them_too(mlflow_store, synthetic_dir):
+    from rockcls.data import FileSource
+    from rockcls.predict import load_run_predictor, predict_logits
+
+    result = run_training(tiny_config(synthetic_dir, folds=2, epochs=1, tta="d4", cache=False, hn_ratio=0.0))
+    predictor = load_run_predictor(result.run_id)
+    assert predictor.tta == "d4"  # predict's tta=auto follows the run
+    paths = [str(synthetic_dir / i) for i in result.ids]
+    for k, model in enumerate(predictor.models):
+        rows = np.flatnonzero(result.fold_of == k)
+        logits, errors = predict_logits([model], FileSource([paths[i] for i in rows]), tta="d4")
+        assert not any(errors)
+        np.testing.assert_allclose(logits, result.oof_logits[rows], atol=1e-4)
 
 
 def test_corrupt_image_is_named_and_skippable(mlflow_store, tmp_path):
