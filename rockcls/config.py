@@ -23,6 +23,8 @@ AUGMENTS = ("none", "d4", "crop", "light", "seed", "winner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT_MODES = ("last", "best")
+AUTO_LR_SCRATCH = 2e-3
+AUTO_LR_PRETRAINED = 5e-4
 TTA_MODES = ("none", "flip", "d4")
 
 _TRUE = {"1", "true", "yes", "y", "on"}
@@ -47,23 +49,24 @@ class TrainConfig:
     epochs: int = _opt(18, "epochs per fold", min=1)
     batch_size: int = _opt(32, "micro-batch size", min=1)
     accumulation_steps: int = _opt(1, "micro-batches per optimizer step", min=1)
-    lr: float = _opt(3e-4, "peak learning rate", gt=0.0)
+    lr: float = _opt(0.0, "peak learning rate; 0 = auto: 2e-3 from random initialisation, 5e-4 from "
+                          "pretrained weights", min=0.0)
     optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
-    weight_decay: float = _opt(0.05, "weight decay", min=0.0)
+    weight_decay: float = _opt(0.01, "weight decay", min=0.0)
     warmup_epochs: float = _opt(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", min=0.0, lt=1.0)
-    hn_ratio: float = _opt(0.2, "share of each effective batch from the hard-negative memory", min=0.0, max=1.0)
+    hn_ratio: float = _opt(0.0, "share of each effective batch from the hard-negative memory", min=0.0, max=1.0)
     hn_memory: int = _opt(1000, "hard-negative memory size (samples)", min=0)
-    balanced_ratio: float = _opt(1.0, "share of the rest drawn class-balanced (rest: uniform)", min=0.0, max=1.0)
-    augment: str = _opt("seed", "augmentation preset", choices=AUGMENTS)
+    balanced_ratio: float = _opt(0.0, "share of the rest drawn class-balanced (rest: uniform)", min=0.0, max=1.0)
+    augment: str = _opt("d4", "augmentation preset", choices=AUGMENTS)
     amp: str = _opt("auto", "autocast on GPU: auto (bf16 if supported), bf16, fp16, off", choices=AMP_MODES)
     ema: float = _opt(0.0, "EMA decay of weights, evaluated instead of the raw model; 0 = off", min=0.0, lt=1.0)
     early_stop: int = _opt(0, "stop a fold after this many epochs without val macro-F1 gain; 0 = off", min=0)
     select: str = _opt("last", "weights each fold keeps: last (its OOF score is unbiased) or best "
                                "(highest val macro-F1 epoch; that OOF score is optimistic)", choices=SELECT_MODES)
-    tta: str = _opt("none", "test-time views of the out-of-fold predictions: none, flip, d4 "
+    tta: str = _opt("d4", "test-time views of the out-of-fold predictions: none, flip, d4 "
                             "(predict uses the same by default)", choices=TTA_MODES)
-    grad_clip: float = _opt(1.0, "gradient-norm clipping; 0 = off", min=0.0)
+    grad_clip: float = _opt(0.0, "gradient-norm clipping; 0 = off", min=0.0)
     num_workers: int = _opt(2, "DataLoader worker processes", min=0)
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     seed: int = _opt(42, "seed of initialisation, sampling and augmentation", min=0)
@@ -75,10 +78,17 @@ class TrainConfig:
     cache_dir: str = _opt("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
     output_dir: str = _opt("outputs", "local folder for checkpoints being written (resume reads it)")
     resume: str = _opt("", "parent run id of an interrupted train run to continue")
-    config: str = _opt("", "YAML file with any of these keys")
+    config: str = _opt("", "YAML file with any of these keys, or a packaged preset name (seed)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def peak_lr(self) -> float:
+        """``lr``, or the measured default when it is 0 (docs/benchmarks.md, accuracy ablation): a
+        network trained from scratch wants a high rate; pretrained weights are spoiled by one."""
+        if self.lr > 0:
+            return self.lr
+        return AUTO_LR_PRETRAINED if (self.pretrained or self.pretrained_path) else AUTO_LR_SCRATCH
 
 
 C = TypeVar("C")
@@ -133,10 +143,21 @@ def _field_type(f: dataclasses.Field) -> type:
     return names[f.type] if isinstance(f.type, str) else f.type
 
 
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def presets() -> list[str]:
+    """Names of the recipes shipped with the package (``config=NAME``), e.g. ``seed``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
 def load_yaml(path: str) -> dict[str, Any]:
+    """A YAML file of parameters, or the packaged preset of that name when no such file exists."""
     p = Path(path)
+    if not p.is_file() and path in presets():
+        p = PRESET_DIR / f"{path}.yaml"
     if not p.is_file():
-        raise ConfigError(f"config: file not found: {path}")
+        raise ConfigError(f"config: file not found: {path} (packaged presets: {', '.join(presets())})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -107,6 +107,7 @@ def build_plan(cfg: TrainConfig) -> Plan:
     n_hard = round(cfg.hn_ratio * eff) if cfg.hn_memory > 0 else 0
     derived = {
         "effective_batch_size": eff,
+        "peak_lr": cfg.peak_lr(),
         "hard_negatives_per_step": n_hard,
         "balanced_per_step": round(cfg.balanced_ratio * (eff - n_hard)),
         "steps_per_epoch": max(1, n_train // eff),
@@ -326,7 +327,7 @@ class FoldTrainer:
                                            balanced_ratio=self.cfg.balanced_ratio, memory=self.memory,
                                            seed=self.cfg.seed * 100 + fold)
         steps = len(self.sampler) // self.cfg.accumulation_steps
-        self.lr_at = cosine_with_warmup(base_lr=self.cfg.lr, total_steps=steps * self.cfg.epochs,
+        self.lr_at = cosine_with_warmup(base_lr=self.cfg.peak_lr(), total_steps=steps * self.cfg.epochs,
                                         warmup_steps=int(round(self.cfg.warmup_epochs * steps)))
         self.settings = StepSettings(device=plan.device, mean=tuple(self.spec["mean"]), std=tuple(self.spec["std"]),
                                      accumulation_steps=self.cfg.accumulation_steps,
@@ -486,10 +487,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.peak_lr())
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+        return torch.optim.Adam(groups, lr=cfg.peak_lr())
+    return torch.optim.SGD(groups, lr=cfg.peak_lr(), momentum=0.9, nesterov=True)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -7,16 +7,33 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rockcls.config import TrainConfig, add_config_arguments, build_config, config_from_args
+from rockcls.config import (AUTO_LR_PRETRAINED, AUTO_LR_SCRATCH, TrainConfig, add_config_arguments, build_config,
+                            config_from_args, presets)
 from rockcls.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_follow_the_seed():
+def test_defaults_are_the_measured_recipe():
     cfg = build_config(TrainConfig, {})
-    assert (cfg.backbone, cfg.img_size, cfg.folds, cfg.lr) == ("davit_base", 224, 5, 3e-4)
-    assert (cfg.label_smoothing, cfg.hn_ratio, cfg.hn_memory, cfg.balanced_ratio) == (0.1, 0.2, 1000, 1.0)
+    assert (cfg.backbone, cfg.img_size, cfg.folds, cfg.augment, cfg.tta) == ("davit_base", 224, 5, "d4", "d4")
+    assert (cfg.hn_ratio, cfg.balanced_ratio, cfg.grad_clip, cfg.select) == (0.0, 0.0, 0.0, "last")
+    # lr 0 = auto: high from random initialisation, low from pretrained weights
+    assert cfg.lr == 0 and cfg.peak_lr() == AUTO_LR_PRETRAINED
+    assert build_config(TrainConfig, {"pretrained": "false"}).peak_lr() == AUTO_LR_SCRATCH
+    assert build_config(TrainConfig, {"pretrained": "false", "pretrained_path": "w.pth"}).peak_lr() == AUTO_LR_PRETRAINED
+    assert build_config(TrainConfig, {"lr": "0.01"}).peak_lr() == 0.01
+
+
+def test_seed_preset_is_reachable_by_name_and_overridable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file named "seed" here: the packaged preset is meant
+    assert "seed" in presets()
+    cfg = build_config(TrainConfig, {"config": "seed"})
+    assert (cfg.lr, cfg.augment, cfg.hn_ratio, cfg.balanced_ratio, cfg.select, cfg.grad_clip) == \
+        (3e-4, "seed", 0.2, 1.0, "best", 1.0)
+    assert build_config(TrainConfig, {"config": "seed", "hn_ratio": "0.5"}).hn_ratio == 0.5
+    with pytest.raises(ConfigError, match=r"config: file not found: sead \(packaged presets: seed\)"):
+        build_config(TrainConfig, {"config": "sead"})
 
 
 @pytest.mark.parametrize("key,value,message", [
