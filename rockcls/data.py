@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import stat
 import sys
@@ -497,6 +498,7 @@ def make_folds(labels: np.ndarray, *, folds: int, val_fraction: float, seed: int
     fold_of = np.full(len(labels), -1, dtype=np.int64)
     positions = np.arange(len(labels))
     if folds == 1:
+        _check_holdout(len(labels), len(counts), val_fraction)
         _, val = train_test_split(positions, test_size=val_fraction, stratify=labels, random_state=seed)
         fold_of[val] = 0
         return fold_of
@@ -504,6 +506,17 @@ def make_folds(labels: np.ndarray, *, folds: int, val_fraction: float, seed: int
     for k, (_, val) in enumerate(splitter.split(positions, labels)):
         fold_of[val] = k
     return fold_of
+
+
+def _check_holdout(n: int, classes: int, val_fraction: float) -> None:
+    """A stratified holdout needs an image of every class on each side (as scikit-learn counts)."""
+    n_val = math.ceil(val_fraction * n)
+    if n_val < classes:
+        raise DataError(f"data: folds=1 with val_fraction={val_fraction} holds out {n_val} of {n} images, "
+                        f"fewer than the {classes} classes; raise val_fraction or add images")
+    if n - n_val < classes:
+        raise DataError(f"data: folds=1 with val_fraction={val_fraction} leaves {n - n_val} of {n} images "
+                        f"to train on, fewer than the {classes} classes; lower val_fraction or add images")
 
 
 def split_fingerprint(index: DatasetIndex, fold_of: np.ndarray) -> str:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import rockcls.data as data
-from rockcls.data import (FileSource, ImageDataset, file_fingerprint, index_dataset, list_files,
+from rockcls.data import (FileSource, ImageDataset, file_fingerprint, index_dataset, list_files, make_folds,
                           load_image, open_source, to_chw_tensor, validate_images)
 from rockcls.errors import ConfigError, DataError
 from rockcls.synthetic import EPS_BYTES, make_image, png_header_only
@@ -342,3 +342,16 @@ def test_to_chw_tensor_equals_permute_and_is_contiguous():
     assert out.is_contiguous() and out.dtype == torch.uint8
     assert torch.equal(out, torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
     assert to_chw_tensor(img[..., 0]).shape == (1, 22, 28)  # a single-channel transform output
+
+
+# ---------------------------------------------------------------------------- splits
+
+@pytest.mark.parametrize("counts, val_fraction, message", [
+    ([2, 2, 2], 0.2, r"folds=1 with val_fraction=0.2 holds out 2 of 6 images, fewer than the 3 classes"),
+    ([2, 2, 2], 0.9, r"folds=1 with val_fraction=0.9 leaves 0 of 6 images to train on, fewer than the 3 classes"),
+    ([5, 1], 0.2, r"class #1 has 1 image\(s\), fewer than the 2 a stratified split with folds=1 needs"),
+])
+def test_holdout_with_too_few_images_per_class_is_a_one_line_error(counts, val_fraction, message):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    with pytest.raises(DataError, match=message):
+        make_folds(labels, folds=1, val_fraction=val_fraction, seed=0)
