@@ -461,7 +461,14 @@ class TicketStudy(optuna.Study):
             time.sleep(self.poll_s)
 
     def _claim(self, trial_id: int) -> bool:
-        """WAITING -> RUNNING; False when another worker was first."""
+        """WAITING -> RUNNING; False when another worker was first.
+
+        The heartbeat is recorded first: a RUNNING trial without one is never found stale, so a
+        worker dying between the claim and Optuna's first heartbeat would hold its slot for good.
+        A heartbeat on a WAITING trial is ignored by the stale check, and on a trial another
+        worker claimed first it only refreshes that worker's own.
+        """
+        self.rdb.record_heartbeat(trial_id)
         try:
             return self.rdb.set_trial_state_values(trial_id, state=TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:

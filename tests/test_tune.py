@@ -298,6 +298,39 @@ def test_sqlite_ticket_queue_hands_each_trial_to_exactly_one_process(tmp_path):
     assert [t.state for t in queue.get_trials()] == [TrialState.COMPLETE] * n
 
 
+DIES_AFTER_CLAIM = textwrap.dedent("""
+    import os, signal, sys
+    import optuna
+    from rockcls import study as s
+    s.quiet_optuna()
+    storage = s.build_storage(sys.argv[1], heartbeat=1, retries=1)
+    study = s.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+                          pruner=optuna.pruners.NopPruner(), target=1)
+    study.ask()  # the ticket is ours: now die before Optuna's heartbeat thread ever starts
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_worker_killed_right_after_claiming_a_ticket_is_retried_by_another(tmp_path):
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    storage = study_mod.build_storage(url, heartbeat=1, retries=1)
+    study_mod.top_up_tickets(optuna.create_study(study_name="queue", storage=storage), 1)
+    victim = subprocess.run([sys.executable, "-c", DIES_AFTER_CLAIM, url], timeout=120)
+    assert victim.returncode == -signal.SIGKILL
+    assert [t.state for t in optuna.load_study(study_name="queue", storage=url).get_trials()] == [TrialState.RUNNING]
+
+    # --timeout 0 waits for running trials without limit; this bound only keeps a failure from hanging.
+    survivor = study_mod.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+                                     pruner=optuna.pruners.NopPruner(), target=1, poll_s=0.2,
+                                     deadline=time.monotonic() + 120)
+    try:
+        survivor.optimize(lambda trial: 1.0)
+    except study_mod.NoTicketLeft:
+        pass
+    states = [(t.state, t.system_attrs.get("failed_trial")) for t in survivor.get_trials()]
+    assert states == [(TrialState.FAIL, None), (TrialState.COMPLETE, 0)]
+
+
 def test_killed_worker_trial_is_failed_and_retried(mlflow_store, tmp_path, data_dir):
     argv = ["--data", str(data_dir), *TRAIN_ARGS, "--trials", "2", "--epochs", "3", "--pruner", "none",
             "--heartbeat", "1", "--top-k", "0", "--register", ""]
