@@ -149,7 +149,7 @@ def load_registered_predictor(uri: str) -> Predictor:
     try:
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        raise RockclsError(f"model: cannot load {uri} from {mlflow.get_tracking_uri()}: "
+        raise RockclsError(f"model: cannot load {uri} from {tracking.shown_uri()}: "
                            f"{str(exc).splitlines()[0][:200]}") from None
     try:
         inner = model.unwrap_python_model()
