@@ -216,11 +216,14 @@ def load_image(path: str, max_pixels: int | None = None) -> np.ndarray:
     return decode_image(read_image_file(path), path, max_pixels)
 
 
-def read_image_file(path: str, max_bytes: int = 0) -> bytes:
+def read_image_file(path: str, max_bytes: int = 0, *, follow_links: bool = True) -> bytes:
     """The bytes of a regular file (a FIFO or device would block or never end: refused)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
         # O_NONBLOCK: opening a FIFO without a writer must not hang; it changes nothing for files.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte in the path
         raise DataError(f"{_shown(path)}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
     try:
@@ -250,6 +253,24 @@ def _read_regular(fd: int, path: str, max_bytes: int) -> bytes:
     except (OSError, MemoryError) as exc:
         raise DataError(f"{_shown(path)}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_under_root(path: str, root: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file inside the folder ``root`` (absolute, already a realpath).
+
+    ``path`` is relative to ``root`` or absolute. Symbolic links and '..' are resolved first, and
+    the result must still lie inside ``root``; the final open does not follow a link, so one put
+    in place after the check is refused too. Every refusal raises a DataError; the caller, not
+    this function, decides how much of its reason a client may see.
+    """
+    try:
+        real = os.path.realpath(os.path.join(root, path))  # an absolute path replaces root here
+        inside = os.path.commonpath([real, root]) == root
+    except (ValueError, TypeError, OSError):  # a NUL byte, mixed path kinds
+        raise DataError(f"{_shown(str(path))}: unreadable (not a valid path)") from None
+    if not inside:
+        raise DataError(f"{_shown(path)}: outside {root}")
+    return read_image_file(real, max_bytes, follow_links=False)
 
 
 def _shown(name: str) -> str:
@@ -538,6 +559,19 @@ class FileSource:
 
     def read(self, row: int) -> np.ndarray:
         return load_image(self.paths[row])
+
+
+class BytesSource:
+    """Rows given as encoded image bytes (a request's images); a row's errors name it ``row N``."""
+
+    def __init__(self, payloads: Sequence[bytes]):
+        self.payloads = list(payloads)
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def read(self, row: int) -> np.ndarray:
+        return decode_image(self.payloads[row], f"row {row}")
 
 
 def open_source(index: DatasetIndex, *, cfg: Any = None, cache_dir: str | Path | None = None,
