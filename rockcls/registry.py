@@ -213,7 +213,7 @@ class RockclsModel(mlflow.pyfunc.PythonModel):
         tta = str(params.get("tta") or self.predictor.tta)
         tta_views(tta)
         batch_size = parse_batch_size(params.get("batch_size", DEFAULT_BATCH))
-        payloads, input_errors = read_request_images(frame, getattr(self, "limits", ServeLimits()))
+        payloads, input_errors = read_request_images(frame, self.limits)
         pred = self.predictor.predict_source(BytesSource(payloads), tta=tta, batch_size=batch_size, num_workers=0)
         errors = [given or found for given, found in zip(input_errors, pred.errors)]
         labels = [label if not err else "" for label, err in zip(pred.labels, errors)]

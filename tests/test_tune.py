@@ -534,7 +534,7 @@ def grep_tree(root: Path, needle: bytes) -> list[str]:
 
 def test_storage_password_from_the_environment_reaches_no_store_file_log_or_output(
         mlflow_store, tmp_path, data_dir, monkeypatch, capsys, caplog):
-    secret = "Zq81hunter2xK"
+    secret = "Zq81sEcReT9xK"  # shares nothing with the passwords other tests make `secrets` remember
     # SQLite ignores unknown URI parameters, so this storage carries a password like a server URL would.
     monkeypatch.setenv(secrets.STORAGE_ENV, f"sqlite:///file:{tmp_path / 'optuna.db'}?uri=true&password={secret}")
     caplog.set_level(logging.DEBUG)
