@@ -8,9 +8,13 @@ Layout, in ``<cache_dir>/images/``:
 - ``<key>.u8``  the pixels of every image, one after the other (uint8, H x W x 3, C order);
 - ``<key>.npz`` the manifest: ``offsets`` (N+1 byte offsets), ``shapes`` (N x 2), size, version.
 
-``key`` hashes the file paths, sizes and mtimes together with the cache size and format
-version: a changed, added or removed file, or another size, gives another key, so a stale cache
-is never read (it stays on disk until the folder is deleted).
+``key`` hashes the file paths and each file's size, mtime, ctime and inode together with the
+cache size and format version: an added or removed file, another cache size, or any write to a
+file (ctime moves on every write and cannot be set back, even when the mtime is restored), gives
+another key, so the cache of an older version of the files is not read (it stays on disk until
+the folder is deleted). What this does not see: a write the kernel does not record in ctime
+(changes to the disk underneath the file system, some network file systems), and a change made
+within the same file-system timestamp tick as the stat it is compared to.
 
 Geometry: the shorter side is resized to the cache size with the aspect ratio kept (never
 upscaled; the longer side is capped at ``MAX_ASPECT`` times the size). Squashing to a square or

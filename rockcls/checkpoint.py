@@ -22,9 +22,17 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves no partial file behind
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> RockclsError:
+    """Disk full and the like: one line; the previous file under that name is still whole."""
+    return RockclsError(f"checkpoint: cannot write {path} ({exc.strerror or exc}); the previous "
+                        f"checkpoint is kept: free space and resume")
 
 
 def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> Path:
@@ -39,6 +47,8 @@ def write_npz_atomic(path: str | os.PathLike, **arrays: Any) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -44,14 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(fn, argv: list[str]) -> int:
     from mlflow.exceptions import MlflowException
 
+    from rockcls.secrets import hide, remember
+
+    remember(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a database tracking store may hold a password
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     try:
         return int(fn(argv) or 0)
     except RockclsError as exc:
-        print(f"rockcls: error: {exc}", file=sys.stderr)
+        print(f"rockcls: error: {hide(str(exc))}", file=sys.stderr)
         return 2
     except MlflowException as exc:
-        print(f"rockcls: error: MLflow: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"rockcls: error: MLflow: {hide(str(exc).splitlines()[0])}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("rockcls").warning("interrupted")

@@ -69,9 +69,10 @@ def load_registered(name: str, test_csv: Path) -> pd.DataFrame:
     """What a user of the registry does: load by alias, predict on a DataFrame of paths."""
     import mlflow.pyfunc
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    paths = pd.read_csv(test_csv)["img_path"].head(3).map(lambda p: str(test_csv.parent / p))
-    return model.predict(pd.DataFrame({"img_path": paths}))
+    # A loaded model reads img_path only under the image root it is given (docs/security.md);
+    # the CSV's paths are relative to its folder, which is that root here.
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion", model_config={"image_root": str(test_csv.parent)})
+    return model.predict(pd.DataFrame({"img_path": pd.read_csv(test_csv)["img_path"].head(3)}))
 
 
 def search(train: Path, experiment: str, name: str, trials: int) -> str:

@@ -175,7 +175,13 @@ class Predictor:
 
     def predict(self, paths: Sequence[str], *, tta: str | None = None, batch_size: int = 64,
                 device: str | torch.device = "auto", num_workers: int = 0) -> Prediction:
-        logits, errors = predict_logits(self.models, FileSource(paths), tta=tta or self.tta,
+        return self.predict_source(FileSource(paths), tta=tta, batch_size=batch_size, device=device,
+                                   num_workers=num_workers)
+
+    def predict_source(self, source, *, tta: str | None = None, batch_size: int = 64,
+                       device: str | torch.device = "auto", num_workers: int = 0) -> Prediction:
+        """Like `predict`, for any source with ``len`` and ``read(row)`` (e.g. request bytes)."""
+        logits, errors = predict_logits(self.models, source, tta=tta or self.tta,
                                         weights=self.weights, batch_size=batch_size, device=device,
                                         num_workers=num_workers)
         bias = self.bias if len(self.bias) else np.zeros(len(self.classes))

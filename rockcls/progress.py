@@ -9,6 +9,8 @@ from typing import Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
+from rockcls import secrets
+
 T = TypeVar("T")
 log = logging.getLogger("rockcls")
 
@@ -30,3 +32,4 @@ def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("alembic", "mlflow", "urllib3", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    secrets.install_log_filter()

@@ -13,11 +13,12 @@ import binascii
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import cv2
 import mlflow
@@ -25,13 +26,14 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from packaging.version import Version
 
 from rockcls import tracking
-from rockcls.errors import RockclsError
+from rockcls.data import BytesSource, read_under_root
+from rockcls.errors import DataError, RockclsError
 from rockcls.predict import Predictor, download_run_checkpoints, load_models, tta_views
 
 if TYPE_CHECKING:
@@ -56,58 +58,86 @@ set_model(RockclsModel())
 '''
 
 
-# ---------------------------------------------------------------------------- the pyfunc model
+# ---------------------------------------------------------------------------- what a client may send
 
-class RockclsModel(mlflow.pyfunc.PythonModel):
-    """Predicts a DataFrame of image paths (``img_path``) or base64 image bytes (``image_b64``).
+IMAGE_ROOT_ENV = "ROCKCLS_IMAGE_ROOT"
+MAX_IMAGE_BYTES_ENV = "ROCKCLS_MAX_IMAGE_BYTES"
+MAX_REQUEST_BYTES_ENV = "ROCKCLS_MAX_REQUEST_BYTES"
+DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
+DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+# Keys a loader may set (mlflow.pyfunc.load_model(..., model_config=...)); empty / 0 = the
+# environment variable, else the default. MLflow only accepts keys the model was logged with.
+MODEL_CONFIG = {"image_root": "", "max_image_bytes": 0, "max_request_bytes": 0}
+# One text for every img_path refused under a root: it must not tell a client whether a file
+# exists, is readable, is a FIFO or is too large.
+PATH_REFUSED = f"{PATH_COLUMN}: refused (not a readable image file under the served image root)"
+PATH_DISABLED = (f"{PATH_COLUMN}: not accepted by this server (no image root is configured: "
+                 f"{IMAGE_ROOT_ENV} or model_config image_root); send {B64_COLUMN}")
 
-    Returns ``label``, one ``prob_<class>`` column per class and ``error`` (empty when the image
-    was read; otherwise the reason, with an empty label and NaN probabilities).
-    """
 
-    def load_context(self, context) -> None:
-        manifest = json.loads(Path(context.artifacts["ensemble"]).read_text())
-        self.predictor = build_predictor(manifest, context.artifacts)
+@dataclass(frozen=True)
+class ServeLimits:
+    """What a served model reads: files only under ``image_root`` ("" = no files at all), at most
+    ``max_image_bytes`` per image and ``max_request_bytes`` of images per request."""
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        params = params or {}
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    image_root: str = ""
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+def build_serve_limits(model_config: Mapping[str, Any] | None, env: Mapping[str, str] = os.environ) -> ServeLimits:
+    """Limits from the load-time model_config, else the environment, else the defaults."""
+    config = dict(model_config or {})
+
+    def setting(key: str, env_name: str) -> tuple[str, str]:
+        given = config.get(key)
+        if given not in (None, "", 0, "0"):
+            return str(given).strip(), f"model_config {key}"
+        return env.get(env_name, "").strip(), env_name
+
+    root, where = setting("image_root", IMAGE_ROOT_ENV)
+    if root:
+        real = os.path.realpath(root)
+        if not os.path.isdir(real):
+            raise RockclsError(f"{where}: {root!r} is not a folder")
+        root = real
+    caps = {}
+    for key, env_name, default in (("max_image_bytes", MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES),
+                                   ("max_request_bytes", MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES)):
+        raw, where = setting(key, env_name)
         try:
-            tta = str(params.get("tta") or self.predictor.tta)
-            tta_views(tta)
-            with tempfile.TemporaryDirectory(prefix="rockcls-b64-") as tmp:
-                paths, input_errors = resolve_inputs(frame, Path(tmp))
-                pred = self.predictor.predict(paths, tta=tta, batch_size=int(params.get("batch_size") or DEFAULT_BATCH),
-                                              num_workers=0)
-        except RockclsError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        errors = [given or found for given, found in zip(input_errors, pred.errors)]
-        labels = [label if not err else "" for label, err in zip(pred.labels, errors)]
-        probs = pred.probs
-        probs[np.asarray([bool(e) for e in errors], dtype=bool)] = np.nan
-        out = pd.DataFrame({"label": labels})
-        for k, name in enumerate(pred.classes):
-            out[f"prob_{name}"] = probs[:, k]
-        out["error"] = errors
-        return out
+            caps[key] = int(raw) if raw else default
+        except ValueError:
+            caps[key] = 0
+        if caps[key] < 1:
+            raise RockclsError(f"{where}: expected a positive number of bytes, got {raw!r}")
+    return ServeLimits(root, **caps)
 
 
-def resolve_inputs(frame: pd.DataFrame, tmp: Path) -> tuple[list[str], list[str]]:
-    """A readable path per row (base64 bytes are written under ``tmp``) and an error per row."""
+def read_request_images(frame: pd.DataFrame, limits: ServeLimits) -> tuple[list[bytes], list[str]]:
+    """The encoded image of every row (b"" for a refused one) and every row's reason ("" = fine).
+
+    A bad row never fails the request: it gets its reason and the other rows are predicted.
+    """
     if PATH_COLUMN not in frame.columns and B64_COLUMN not in frame.columns:
         raise RockclsError(f"model input needs a column {PATH_COLUMN!r} (image paths on the server) or "
                            f"{B64_COLUMN!r} (base64 image bytes); got columns {list(frame.columns)}")
-    paths, errors = [], []
+    payloads, errors, used = [], [], 0
     for i in range(len(frame)):
-        b64, path, err = _cell(frame, B64_COLUMN, i), _cell(frame, PATH_COLUMN, i), ""
+        b64, path = _cell(frame, B64_COLUMN, i), _cell(frame, PATH_COLUMN, i)
         if b64:
-            path = _write_b64(b64, tmp / f"row{i}") or ""
-            err = "" if path else f"{B64_COLUMN}: not valid base64"
-        elif not path:
-            err = f"no image given (empty {PATH_COLUMN} and {B64_COLUMN})"
-        paths.append(path)
+            data, err = _decode_b64(b64, limits.max_image_bytes)
+        elif path:
+            data, err = _read_path(path, limits)
+        else:
+            data, err = b"", f"no image given (empty {PATH_COLUMN} and {B64_COLUMN})"
+        if data and used + len(data) > limits.max_request_bytes:
+            data, err = b"", (f"request over {limits.max_request_bytes} bytes of images "
+                              f"({MAX_REQUEST_BYTES_ENV}): send this row again in another request")
+        used += len(data)
+        payloads.append(data)
         errors.append(err)
-    return paths, errors
+    return payloads, errors
 
 
 def _cell(frame: pd.DataFrame, column: str, i: int) -> str:
@@ -117,14 +147,83 @@ def _cell(frame: pd.DataFrame, column: str, i: int) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def _write_b64(text: str, path: Path) -> str:
-    """Decode (optionally a ``data:...;base64,`` URL) into a file the data module reads; "" if invalid."""
+def _decode_b64(text: str, max_bytes: int) -> tuple[bytes, str]:
+    """Base64 (optionally a ``data:...;base64,`` URL, line breaks allowed) -> (bytes, reason)."""
     payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+    # `base64` without -w0 wraps at 76 columns; any whitespace is layout, not data.
+    payload = "".join(payload.split())
+    if len(payload) // 4 * 3 > max_bytes + 2:  # checked before decoding: nothing big is allocated
+        return b"", f"{B64_COLUMN}: image over {max_bytes} bytes ({MAX_IMAGE_BYTES_ENV})"
     try:
-        path.write_bytes(base64.b64decode(payload, validate=True))
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        return ""
-    return str(path)
+        return b"", f"{B64_COLUMN}: not valid base64"
+    if len(data) > max_bytes:
+        return b"", f"{B64_COLUMN}: image over {max_bytes} bytes ({MAX_IMAGE_BYTES_ENV})"
+    return data, ""
+
+
+def _read_path(path: str, limits: ServeLimits) -> tuple[bytes, str]:
+    if not limits.image_root:
+        return b"", PATH_DISABLED
+    try:
+        return read_under_root(path, limits.image_root, limits.max_image_bytes), ""
+    except DataError as exc:
+        log.debug("img_path row refused: %s", exc)  # the reason stays in the server's own log
+        return b"", PATH_REFUSED
+
+
+def parse_batch_size(raw: Any) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise RockclsError(f"batch_size: expected an integer, got {raw!r}") from None
+    if value < 1:
+        raise RockclsError(f"batch_size: must be >= 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------- the pyfunc model
+
+class RockclsModel(mlflow.pyfunc.PythonModel):
+    """Predicts a DataFrame of base64 image bytes (``image_b64``) or, when an image root is
+    configured, image paths under it (``img_path``).
+
+    Returns ``label``, one ``prob_<class>`` column per class and ``error`` (empty when the image
+    was read; otherwise the reason, with an empty label and NaN probabilities).
+    """
+
+    def load_context(self, context) -> None:
+        manifest = json.loads(Path(context.artifacts["ensemble"]).read_text())
+        self.limits = build_serve_limits(getattr(context, "model_config", None))
+        self.predictor = build_predictor(manifest, context.artifacts)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        try:
+            return self._predict(model_input, params or {})
+        except RockclsError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        except Exception as exc:  # noqa: BLE001 - the client gets one line, the server log the traceback
+            log.exception("predict failed")
+            raise MlflowException(f"internal error while predicting ({type(exc).__name__}); see the server log",
+                                  error_code=INTERNAL_ERROR) from None
+
+    def _predict(self, model_input: Any, params: dict[str, Any]) -> pd.DataFrame:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        tta = str(params.get("tta") or self.predictor.tta)
+        tta_views(tta)
+        batch_size = parse_batch_size(params.get("batch_size", DEFAULT_BATCH))
+        payloads, input_errors = read_request_images(frame, self.limits)
+        pred = self.predictor.predict_source(BytesSource(payloads), tta=tta, batch_size=batch_size, num_workers=0)
+        errors = [given or found for given, found in zip(input_errors, pred.errors)]
+        labels = [label if not err else "" for label, err in zip(pred.labels, errors)]
+        probs = pred.probs
+        probs[np.asarray([bool(e) for e in errors], dtype=bool)] = np.nan
+        out = pd.DataFrame({"label": labels})
+        for k, name in enumerate(pred.classes):
+            out[f"prob_{name}"] = probs[:, k]
+        out["error"] = errors
+        return out
 
 
 def build_predictor(manifest: dict[str, Any], artifacts: dict[str, str], device: str = "auto") -> Predictor:
@@ -149,7 +248,7 @@ def load_registered_predictor(uri: str) -> Predictor:
     try:
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        raise RockclsError(f"model: cannot load {uri} from {mlflow.get_tracking_uri()}: "
+        raise RockclsError(f"model: cannot load {uri} from {tracking.shown_uri()}: "
                            f"{str(exc).splitlines()[0][:200]}") from None
     try:
         inner = model.unwrap_python_model()
@@ -225,7 +324,7 @@ def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "
         return mlflow.models.Model.log(
             name=name, artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(model_file),
             artifacts=artifacts, code_paths=[str(code)], signature=build_signature(list(fit.classes), tta),
-            input_example=build_input_example(), pip_requirements=pip_requirements())
+            input_example=build_input_example(), pip_requirements=pip_requirements(), model_config=dict(MODEL_CONFIG))
 
 
 # ---------------------------------------------------------------------------- registry

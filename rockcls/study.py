@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rockcls import tracking
+from rockcls import secrets, tracking
 from rockcls import train as training
 from rockcls.config import (TrainConfig, _field_map, _field_type, _opt, build_config, check_value,
                             coerce_value, load_yaml)
@@ -67,7 +67,8 @@ class TuneConfig:
     """Parameters of the study itself (train parameters are `TrainConfig`'s)."""
 
     trials: int = _opt(50, "finished (complete + pruned) trials the study holds in total", min=1)
-    storage: str = _opt("", "Optuna storage (SQLAlchemy URL); empty = sqlite optuna.db next to the MLflow database")
+    storage: str = _opt("", "Optuna storage (SQLAlchemy URL, best without a password: ~/.pgpass); empty = "
+                            "$ROCKCLS_STORAGE, else sqlite optuna.db next to the MLflow database")
     study_name: str = _opt("", "study name; empty = derived from backbone, data and fixed settings")
     pruner: str = _opt("median", "pruner of trials that fall behind", choices=PRUNERS)
     devices: str = _opt("", "GPU ids, one worker process each (e.g. 0,1,2,3); 'cpu' entries add CPU workers; "
@@ -257,10 +258,16 @@ def default_storage_url(tracking_uri: str) -> str:
 
 
 def resolve_storage_url(storage: str, tracking_uri: str) -> str:
+    """The storage given, else ``$ROCKCLS_STORAGE``, else the default; its password is remembered
+    so that no log line or error prints it."""
+    source = "storage"
+    if not storage and os.environ.get(secrets.STORAGE_ENV, "").strip():
+        storage, source = os.environ[secrets.STORAGE_ENV].strip(), secrets.STORAGE_ENV
     if not storage:
         return default_storage_url(tracking_uri)
+    secrets.remember(storage)
     if "://" not in storage:
-        raise ConfigError(f"storage: {storage!r} is not a database URL "
+        raise ConfigError(f"{source}: {secrets.mask_url(storage)!r} is not a database URL "
                           f"(e.g. sqlite:///optuna.db or postgresql://user@host/db)")
     scheme, rest = storage.split("://", 1)
     # SQLAlchemy 2.1 maps postgresql:// to psycopg 3; psycopg2-binary is what rockcls installs.
@@ -269,15 +276,24 @@ def resolve_storage_url(storage: str, tracking_uri: str) -> str:
     return storage
 
 
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and run tags."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+def refuse_logged_password(storage: str) -> None:
+    """Under ``mlflow run`` (MLFLOW_RUN_ID set), a password in ``-P storage`` is already in the
+    tracking store: MLflow logged it as a parameter of the run this study would adopt, and
+    parameters cannot be edited. Fail and soft-delete that run, and say how to purge it."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if not env_run or not secrets.url_secrets(storage):
+        return
+    tracking.end_run(env_run, "FAILED")
+    tracking.delete_run(env_run)
+    raise ConfigError(f"storage: holds a password, which `mlflow run` logs as a parameter of run {env_run}; that run "
+                      f"is now FAILED and deleted, purge it for good with `{tracking.gc_command(env_run)}`, then give "
+                      f"the URL in ${secrets.STORAGE_ENV} or the password in ~/.pgpass (-P storage=postgresql://user@host/db)")
 
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url.split("@", 1)[-1] if "@" in url else url
+
+def warn_visible_password(storage: str) -> None:
+    if secrets.url_secrets(storage):
+        log.warning("storage: a password on the command line is visible to other users of this machine (ps); "
+                    "prefer $%s or ~/.pgpass", secrets.STORAGE_ENV)
 
 
 def build_storage(url: str, *, heartbeat: int, retries: int, attempts: int = 5) -> optuna.storages.RDBStorage:
@@ -288,6 +304,7 @@ def build_storage(url: str, *, heartbeat: int, retries: int, attempts: int = 5) 
     """
     from sqlalchemy.exc import SQLAlchemyError
 
+    secrets.remember(url)  # worker processes get the URL from the plan, not from resolve_storage_url
     sqlite = url.startswith("sqlite")
     engine_kwargs = {"connect_args": {"timeout": 300}} if sqlite else {"pool_pre_ping": True}
     for attempt in range(attempts):
@@ -299,13 +316,18 @@ def build_storage(url: str, *, heartbeat: int, retries: int, attempts: int = 5) 
             break
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             if attempt == attempts - 1:
-                raise ConfigError(f"storage: cannot open {mask_url(url)}: {str(exc).splitlines()[0][:200]}") from None
+                raise ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {_first_line(exc)}") from None
             time.sleep(0.5 * (attempt + 1))
         except (ImportError, ValueError) as exc:
-            raise ConfigError(f"storage: cannot open {mask_url(url)}: {str(exc).splitlines()[0][:200]}") from None
+            raise ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {_first_line(exc)}") from None
     if storage.engine.dialect.name == "sqlite":
         serialize_sqlite_transactions(storage.engine)
     return storage
+
+
+def _first_line(exc: BaseException) -> str:
+    # SQLAlchemy renders the URL into some messages: password included.
+    return secrets.hide(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
 
 
 def serialize_sqlite_transactions(engine) -> None:
@@ -377,7 +399,7 @@ def wait_until_ready(study: optuna.Study, wait_s: float = READY_WAIT_S) -> bool:
 
 
 def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any]) -> str:
-    tags = {"rockcls.study": plan.study_name, "rockcls.storage": mask_url(plan.storage_url),
+    tags = {"rockcls.study": plan.study_name, "rockcls.storage": secrets.mask_url(plan.storage_url),
             "rockcls.backbone": plan.base.backbone, "rockcls.data_fingerprint": identity["data_fingerprint"]}
     run_id = tracking.start_run(experiment=plan.base.experiment, name=f"study-{plan.study_name}", kind="study",
                                 tags=tags, adopt_env_run=True)
@@ -386,13 +408,13 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
                                  **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
                                  "study_name": plan.study_name, "pruner": plan.tune.pruner,
                                  "direction": "maximize", "objective": "cv_macro_f1"})
-    tune = {**dataclasses.asdict(plan.tune), "storage": mask_url(plan.storage_url)}
+    tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
     tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")
     study.set_user_attr(ATTR_RUN, run_id)
     study.set_user_attr(ATTR_IDENTITY, identity)
     top_up_tickets(study, plan.tune.trials, baseline_params(space) if plan.tune.baseline else None)
     study.set_user_attr(ATTR_READY, True)
-    log.info("study %s created in %s: %d trials, searching %s", plan.study_name, mask_url(plan.storage_url),
+    log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
     return run_id
 
@@ -461,7 +483,14 @@ class TicketStudy(optuna.Study):
             time.sleep(self.poll_s)
 
     def _claim(self, trial_id: int) -> bool:
-        """WAITING -> RUNNING; False when another worker was first."""
+        """WAITING -> RUNNING; False when another worker was first.
+
+        The heartbeat is recorded first: a RUNNING trial without one is never found stale, so a
+        worker dying between the claim and Optuna's first heartbeat would hold its slot for good.
+        A heartbeat on a WAITING trial is ignored by the stale check, and on a trial another
+        worker claimed first it only refreshes that worker's own.
+        """
+        self.rdb.record_heartbeat(trial_id)
         try:
             return self.rdb.set_trial_state_values(trial_id, state=TrialState.RUNNING)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -759,7 +788,7 @@ def summarise(study: optuna.Study, plan: StudyPlan, study_run_id: str) -> StudyO
     counts = {s.name: sum(t.state == s for t in trials) for s in TrialState}
     finished = [t for t in trials if t.state in FINISHED]
     pruned = [t for t in finished if t.state == TrialState.PRUNED]
-    out = StudyOutcome(plan.study_name, mask_url(plan.storage_url), study_run_id, plan.tune.trials, counts,
+    out = StudyOutcome(plan.study_name, secrets.mask_url(plan.storage_url), study_run_id, plan.tune.trials, counts,
                        epochs_run=sum(len(t.intermediate_values) for t in finished),
                        epochs_saved=sum(plan.steps - len(t.intermediate_values) for t in pruned))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -881,6 +910,8 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     from rockcls.data import content_fingerprint, make_folds
 
     quiet_optuna()
+    refuse_logged_password(tune.storage)
+    warn_visible_password(tune.storage)
     if not timm.is_model(base.backbone):
         raise ConfigError(f"backbone: unknown timm model {base.backbone!r}")
     devices = parse_devices(tune.devices)

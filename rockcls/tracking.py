@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from rockcls import secrets  # noqa: E402
 from rockcls.errors import RockclsError  # noqa: E402
 
 KIND = "rockcls.kind"
@@ -77,7 +78,7 @@ def get_run(run_id: str):
     try:
         return client().get_run(run_id)
     except MlflowException:
-        raise RockclsError(f"run {run_id!r} not found in the tracking store {mlflow.get_tracking_uri()}") from None
+        raise RockclsError(f"run {run_id!r} not found in the tracking store {shown_uri()}") from None
 
 
 def reopen_run(run_id: str) -> None:
@@ -170,10 +171,30 @@ def search_runs(experiment: str, filter_string: str = "", order_by: Iterable[str
                 max_results: int = 1000) -> list:
     exp = client().get_experiment_by_name(experiment)
     if exp is None:
-        raise RockclsError(f"experiment {experiment!r} not found in {mlflow.get_tracking_uri()}")
+        raise RockclsError(f"experiment {experiment!r} not found in {shown_uri()}")
     return client().search_runs([exp.experiment_id], filter_string=filter_string,
                                 order_by=list(order_by or []), max_results=max_results)
 
 
 def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
+
+
+def shown_uri() -> str:
+    """The tracking URI as it may be printed or logged (password masked)."""
+    uri = tracking_uri()
+    secrets.remember(uri)
+    return secrets.mask_url(uri)
+
+
+def delete_run(run_id: str) -> None:
+    """Soft-delete: hidden from the UI and searches; ``mlflow gc`` removes it for good."""
+    _retry(client().delete_run, run_id)
+
+
+def gc_command(run_id: str) -> str:
+    """The ``mlflow gc`` command that purges a deleted run from this tracking store."""
+    uri = shown_uri()
+    flag = "--tracking-uri" if uri.startswith(("http://", "https://")) else "--backend-store-uri"
+    return f"mlflow gc {flag} {uri} --run-ids {run_id}"
+

@@ -196,7 +196,7 @@ def open_train_run(plan: Plan, *, parent_run_id: str | None, kind: str, tags: di
     run_id = tracking.start_run(experiment=cfg.experiment, name=f"{kind}-{cfg.backbone}", kind=kind,
                                 parent_run_id=parent_run_id, tags=run_tags, adopt_env_run=parent_run_id is None)
     log_run_setup(plan, run_id)
-    log.info("run %s (experiment %s, tracking %s)", run_id, cfg.experiment, tracking.tracking_uri())
+    log.info("run %s (experiment %s, tracking %s)", run_id, cfg.experiment, tracking.shown_uri())
     return run_id
 
 
@@ -525,5 +525,5 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(TrainConfig, build_parser().parse_args(argv))
     result = run_training(cfg)
     print(f"train run {result.run_id}: cv_macro_f1 {result.cv_macro_f1:.4f}")
-    print(f"browse it with: mlflow ui --backend-store-uri {tracking.tracking_uri()}")
+    print(f"browse it with: mlflow ui --backend-store-uri {tracking.shown_uri()}")
     return 0

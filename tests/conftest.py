@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,9 @@ def stop_group(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def wait_for_a_new_timestamp_tick(ctime_ns: int) -> None:
+    """File timestamps come from a coarse clock (a few ms): make sure the next write gets a later one."""
+    while time.time_ns() < ctime_ns + 50_000_000:
+        time.sleep(0.01)

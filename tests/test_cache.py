@@ -25,6 +25,7 @@ from rockcls.cli import main as cli_main
 from rockcls.data import FileSource, ImageDataset, index_dataset, load_image, open_source, validate_images
 from rockcls.errors import ConfigError, DataError
 from rockcls.synthetic import make_dataset
+from tests.conftest import wait_for_a_new_timestamp_tick
 
 
 @pytest.fixture
@@ -135,6 +136,28 @@ def test_changing_a_file_invalidates_the_cache(dataset, cache_dir):
     assert new.data_path != old.data_path
     assert (new.read(2) == 7).all()
     assert np.array_equal(new.read(1), old.read(1))
+
+
+def test_rewriting_a_file_and_restoring_its_mtime_still_invalidates_the_cache(tmp_path, cache_dir):
+    """BMP files of one size have one byte length: the rewrite keeps size, mtime and inode."""
+    for c, name in enumerate(("a", "b")):
+        (tmp_path / "bmp" / name).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / "bmp" / name / f"{i}.bmp"), np.full((20, 20, 3), 10 * (c + i), np.uint8))
+    index = index_dataset(tmp_path / "bmp")
+    old = open_source(validate_images(index, skip_bad=False, cache_dir=cache_dir, cache_size=20),
+                      cache_dir=cache_dir, cache_size=20)
+    victim = Path(index.paths[1])
+    before = victim.stat()
+    wait_for_a_new_timestamp_tick(before.st_ctime_ns)
+    with open(victim, "r+b") as fh:
+        fh.write(cv2.imencode(".bmp", np.full((20, 20, 3), 200, np.uint8))[1].tobytes())
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert victim.stat().st_size == before.st_size and victim.stat().st_ino == before.st_ino
+    new = open_source(validate_images(index, skip_bad=False, cache_dir=cache_dir, cache_size=20),
+                      cache_dir=cache_dir, cache_size=20)
+    assert new.data_path != old.data_path
+    assert (new.read(1) == 200).all() and (old.read(1) == 10).all()
 
 
 def test_adding_a_file_invalidates_the_cache(dataset, cache_dir):

@@ -45,6 +45,8 @@ def test_seed_preset_is_reachable_by_name_and_overridable(tmp_path, monkeypatch)
     ("optimizer", "lion", r"optimizer: must be one of adamw, adam, sgd"),
     ("val_fraction", "1", r"val_fraction: must be < 1.0"),
     ("lr", "nan", r"lr: expected a finite number"),
+    ("seed", "-1", r"seed: must be >= 0, got -1"),
+    ("split_seed", "-1", r"split_seed: must be >= 0, got -1"),
 ])
 def test_bad_values_name_the_parameter(key, value, message):
     with pytest.raises(ConfigError, match=message):

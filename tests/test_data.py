@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -13,10 +14,11 @@ import torch
 from PIL import Image
 
 import rockcls.data as data
-from rockcls.data import (FileSource, ImageDataset, file_fingerprint, index_dataset, list_files,
+from rockcls.data import (FileSource, ImageDataset, file_fingerprint, index_dataset, list_files, make_folds,
                           load_image, open_source, to_chw_tensor, validate_images)
-from rockcls.errors import DataError
-from rockcls.synthetic import make_image
+from rockcls.errors import ConfigError, DataError
+from rockcls.synthetic import EPS_BYTES, make_image, png_header_only
+from tests.conftest import wait_for_a_new_timestamp_tick
 
 
 def write_png(path: Path, img: np.ndarray) -> Path:
@@ -171,6 +173,86 @@ def test_missing_file_is_unreadable(tmp_path):
         load_image(str(tmp_path / "gone.png"))
 
 
+def test_png_header_claiming_40000x40000_is_refused_before_any_decoding(tmp_path, monkeypatch):
+    (tmp_path / "bomb.png").write_bytes(png_header_only(40000, 40000))
+    monkeypatch.setattr(data.cv2, "imdecode", lambda *a: pytest.fail("decoded a refused image"))
+    with pytest.raises(DataError, match=r"bomb\.png: too large \(.*limit 100000000 px; see ROCKCLS_MAX_PIXELS\)"):
+        load_image(str(tmp_path / "bomb.png"))
+
+
+def test_pixel_cap_comes_from_the_environment_and_a_bad_value_is_named(tmp_path, monkeypatch):
+    path = write_png(tmp_path / "a.png", np.zeros((20, 30, 3), np.uint8))
+    monkeypatch.setenv("ROCKCLS_MAX_PIXELS", "599")
+    with pytest.raises(DataError, match=r"a\.png: too large \(30x20 px, limit 599 px"):
+        load_image(str(path))
+    assert load_image(str(path), max_pixels=600).shape == (20, 30, 3)
+    monkeypatch.setenv("ROCKCLS_MAX_PIXELS", "lots")
+    with pytest.raises(ConfigError, match="ROCKCLS_MAX_PIXELS: expected a positive number of pixels, got 'lots'"):
+        validate_images(index_dataset(tmp_path, labeled=False), skip_bad=False, cache_dir=tmp_path / "c")
+
+
+def test_formats_outside_the_allow_list_never_reach_their_decoder(tmp_path, monkeypatch):
+    from PIL import EpsImagePlugin
+
+    # Opening EPS is the step that would run Ghostscript on the file; it must not even start.
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: pytest.fail("EPS opened"))
+    (tmp_path / "drawing.png").write_bytes(EPS_BYTES)
+    with pytest.raises(DataError, match=r"drawing\.png: not a decodable image \(not PNG, JPEG, BMP, TIFF, WEBP, GIF\)"):
+        load_image(str(tmp_path / "drawing.png"))
+
+
+@pytest.mark.parametrize("error", [MemoryError(), cv2.error("insufficient memory"), ValueError("odd")])
+def test_any_decoder_failure_is_that_files_reason(tmp_path, monkeypatch, error):
+    path = write_png(tmp_path / "a.png", np.zeros((20, 30, 3), np.uint8))
+
+    def explode(*_):
+        raise error
+    monkeypatch.setattr(data.cv2, "imdecode", explode)
+    with pytest.raises(DataError, match=r"a\.png: not (a )?decodable"):
+        load_image(str(path))
+    assert data.load_checked(str(path))[0].startswith("not ")
+
+
+def test_path_with_a_nul_byte_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"unreadable \(embedded null byte\)"):
+        load_image(str(tmp_path / "a\0.png"))
+
+
+def test_fifo_and_folder_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # nobody writes: a plain open() would wait forever
+    (tmp_path / "folder.png").mkdir()
+    outcome = {}
+
+    def read_both():
+        outcome["reasons"] = [data.load_checked(str(tmp_path / n))[0] for n in ("pipe.png", "folder.png")]
+    reader = threading.Thread(target=read_both, daemon=True)
+    reader.start()
+    reader.join(timeout=60)  # a guard against hanging the suite, not a speed check
+    assert outcome.get("reasons") == ["unreadable (not a regular file)"] * 2
+
+
+def test_bomb_header_is_skipped_with_its_reason_by_skip_bad_images(two_classes, tmp_path):
+    (two_classes / "granite" / "bomb.png").write_bytes(png_header_only(40000, 40000))
+    with pytest.warns(UserWarning, match="skipping 1 bad image"):
+        kept = validate_images(index_dataset(two_classes), skip_bad=True, cache_dir=tmp_path / "cache",
+                               cache_size=32)
+    assert len(kept) == 8 and kept.skipped[0][1].startswith("too large (over")
+
+
+def test_rewritten_file_with_its_mtime_restored_gets_a_new_fingerprint(two_classes):
+    paths = index_dataset(two_classes).paths
+    victim = Path(paths[0])
+    before_stat, before = victim.stat(), file_fingerprint(paths)
+    wait_for_a_new_timestamp_tick(before_stat.st_ctime_ns)
+    with open(victim, "r+b") as fh:  # same inode, same size, other bytes
+        fh.write(b"\x00" * before_stat.st_size)
+    os.utime(victim, ns=(before_stat.st_atime_ns, before_stat.st_mtime_ns))
+    after = victim.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before_stat.st_size, before_stat.st_mtime_ns,
+                                                                before_stat.st_ino)
+    assert file_fingerprint(paths) != before
+
+
 # ---------------------------------------------------------------------------- validation
 
 @pytest.fixture
@@ -260,3 +342,16 @@ def test_to_chw_tensor_equals_permute_and_is_contiguous():
     assert out.is_contiguous() and out.dtype == torch.uint8
     assert torch.equal(out, torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
     assert to_chw_tensor(img[..., 0]).shape == (1, 22, 28)  # a single-channel transform output
+
+
+# ---------------------------------------------------------------------------- splits
+
+@pytest.mark.parametrize("counts, val_fraction, message", [
+    ([2, 2, 2], 0.2, r"folds=1 with val_fraction=0.2 holds out 2 of 6 images, fewer than the 3 classes"),
+    ([2, 2, 2], 0.9, r"folds=1 with val_fraction=0.9 leaves 0 of 6 images to train on, fewer than the 3 classes"),
+    ([5, 1], 0.2, r"class #1 has 1 image\(s\), fewer than the 2 a stratified split with folds=1 needs"),
+])
+def test_holdout_with_too_few_images_per_class_is_a_one_line_error(counts, val_fraction, message):
+    labels = np.repeat(np.arange(len(counts)), counts)
+    with pytest.raises(DataError, match=message):
+        make_folds(labels, folds=1, val_fraction=val_fraction, seed=0)

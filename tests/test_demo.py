@@ -14,7 +14,9 @@ def test_demo_runs_the_whole_workflow(mlflow_store, tmp_path):
     assert "2/2 trials finished" in out and "mlflow ui" in out
     submission = pd.read_csv(tmp_path / "demo_data" / "submission.csv")
     assert len(submission) == 30 and submission["label"].notna().all()
-    model = mlflow.pyfunc.load_model("models:/rockcls-demo@champion")
-    image = next((tmp_path / "demo_data" / "test_images").rglob("*.png"))
+    assert "img_path: not accepted" not in out and "img_path: refused" not in out  # the demo's own img_path rows
+    test_images = tmp_path / "demo_data" / "test_images"
+    model = mlflow.pyfunc.load_model("models:/rockcls-demo@champion", model_config={"image_root": str(test_images)})
+    image = next(test_images.rglob("*.png"))
     pred = model.predict(pd.DataFrame({"img_path": [str(image)]}))
     assert pred["label"].iloc[0].startswith("synthetic_")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from rockcls import ensemble, predict, registry
+from rockcls.synthetic import EPS_BYTES, png_header_only
 from rockcls.train import run_training
 from tests.conftest import tiny_config
 
@@ -41,6 +43,13 @@ def registered(store, synthetic_dir):
 @pytest.fixture(scope="module")
 def images(synthetic_dir) -> list[str]:
     return [str(p) for p in sorted(synthetic_dir.rglob("*.png"))[::12]]
+
+
+@pytest.fixture(autouse=True)
+def image_root(synthetic_dir, monkeypatch) -> Path:
+    """A loaded model reads img_path only under a configured root: here, the synthetic images."""
+    monkeypatch.setenv(registry.IMAGE_ROOT_ENV, str(synthetic_dir))
+    return synthetic_dir
 
 
 def test_first_registration_becomes_champion_and_keeps_its_score(registered) -> None:
@@ -83,17 +92,104 @@ def test_base64_input_gives_the_same_predictions_as_paths(registered, images) ->
 
 
 def test_bad_rows_get_an_error_and_no_label(registered, images, tmp_path) -> None:
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    (tmp_path / "good.png").write_bytes(Path(images[0]).read_bytes())
     (tmp_path / "bad.png").write_bytes(b"junk")
-    frame = pd.DataFrame({"img_path": [images[0], str(tmp_path / "bad.png"), str(tmp_path / "none.png"), "", None],
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", model_config={"image_root": str(tmp_path)})
+    frame = pd.DataFrame({"img_path": ["good.png", "bad.png", "none.png", "", None],
                           "image_b64": [None, None, None, "%%%", None]})
     out = model.predict(frame)
     assert out["label"].iloc[0] != "" and out["error"].iloc[0] == ""
     assert list(out["label"].iloc[1:]) == ["", "", "", ""]
-    assert "not a decodable image" in out["error"].iloc[1] and "unreadable" in out["error"].iloc[2]
+    assert out["error"].iloc[1] == "not a decodable image (not PNG, JPEG, BMP, TIFF, WEBP, GIF)"
+    assert out["error"].iloc[2] == registry.PATH_REFUSED
     assert out["error"].iloc[3] == "image_b64: not valid base64"
     assert out["error"].iloc[4].startswith("no image given")
     assert out.iloc[1:, 1:-1].isna().all().all()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def test_img_path_is_refused_unless_an_image_root_is_configured(registered, images, monkeypatch) -> None:
+    monkeypatch.delenv(registry.IMAGE_ROOT_ENV)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    out = model.predict(pd.DataFrame({"img_path": [images[0], None], "image_b64": [None, b64(Path(images[0]).read_bytes())]}))
+    assert list(out["error"]) == [registry.PATH_DISABLED, ""]
+    assert out["label"].iloc[0] == "" and out["label"].iloc[1] != ""
+    monkeypatch.setenv(registry.IMAGE_ROOT_ENV, "/no/such/folder")
+    with pytest.raises(Exception, match="ROCKCLS_IMAGE_ROOT: '/no/such/folder' is not a folder"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+
+
+def test_img_path_is_confined_to_the_root_and_every_refusal_reads_the_same(registered, images, tmp_path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    image = Path(images[0]).read_bytes()
+    (root / "sub" / "ok.png").write_bytes(image)
+    (outside / "secret.png").write_bytes(image)
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "big.png").write_bytes(image + b"\0" * 4096)
+    os.mkfifo(root / "fifo.png")  # opened without O_NONBLOCK this would hang the request thread
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion",
+                                     model_config={"image_root": str(root), "max_image_bytes": len(image) + 100})
+    good = ["sub/ok.png", str(root / "sub" / "ok.png"), str(root / "sub" / ".." / "sub" / "ok.png")]
+    refused = [str(outside / "secret.png"), "../outside/secret.png", "link.png", "big.png", "fifo.png", "sub",
+               "missing.png", "/etc/passwd", "sub/ok.png\0.txt", "/proc/self/mem"]
+    out = model.predict(pd.DataFrame({"img_path": good + refused}))
+    assert list(out["error"]) == [""] * len(good) + [registry.PATH_REFUSED] * len(refused)
+    assert out["label"].iloc[:3].nunique() == 1 and out["label"].iloc[0] != ""
+    assert out.iloc[3:, 1:-1].isna().all().all()
+
+
+def test_image_b64_with_line_breaks_and_per_row_and_per_request_caps(registered, images) -> None:
+    raw = [Path(p).read_bytes() for p in images[:3]]
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", model_config={
+        "max_image_bytes": max(map(len, raw)), "max_request_bytes": 2 * len(raw[0])})
+    wrapped = base64.encodebytes(raw[0]).decode("ascii")  # 76 columns, like `base64` without -w0
+    assert "\n" in wrapped.strip()
+    out = model.predict(pd.DataFrame({"image_b64": [b64(raw[0]), wrapped, b64(raw[1]), b64(raw[2])]}),
+                        params={"tta": "none"})
+    assert out["error"].iloc[:2].tolist() == ["", ""]
+    pd.testing.assert_series_equal(out.iloc[0], out.iloc[1], check_names=False)
+    assert out["error"].iloc[2].startswith(f"request over {2 * len(raw[0])} bytes of images")
+    assert out["error"].iloc[3].startswith("request over")
+    too_big = b64(raw[0] + b"\0" * (max(map(len, raw)) + 10))
+    out = model.predict(pd.DataFrame({"image_b64": [too_big, b64(raw[1])]}))
+    assert out["error"].iloc[0] == f"image_b64: image over {max(map(len, raw))} bytes (ROCKCLS_MAX_IMAGE_BYTES)"
+    assert out["error"].iloc[1] == "" and out["label"].iloc[1] != ""
+
+
+def test_header_bombs_truncated_files_and_eps_get_their_reason_and_good_rows_are_still_predicted(
+        registered, images) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    image = Path(images[0]).read_bytes()
+    rows = [image, png_header_only(40000, 40000), image[: len(image) // 2], EPS_BYTES, image]
+    out = model.predict(pd.DataFrame({"image_b64": [b64(r) for r in rows]}))
+    assert out["error"].iloc[0] == "" and out["error"].iloc[4] == "" and out["label"].iloc[0] == out["label"].iloc[4] != ""
+    assert out["error"].iloc[1].startswith("too large (") and "ROCKCLS_MAX_PIXELS" in out["error"].iloc[1]
+    assert out["error"].iloc[2].startswith("not a decodable image")
+    assert out["error"].iloc[3] == "not a decodable image (not PNG, JPEG, BMP, TIFF, WEBP, GIF)"
+    assert out.iloc[1:4, 1:-1].isna().all().all()
+
+
+def test_bad_batch_size_is_a_one_line_error_and_internal_errors_carry_no_traceback(registered, images,
+                                                                                  monkeypatch) -> None:
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    frame = pd.DataFrame({"img_path": images[:1]})
+    for bad in (-1, 0):
+        with pytest.raises(MlflowException, match=f"^batch_size: must be >= 1, got {bad}$"):
+            model.predict(frame, params={"batch_size": bad})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug deep in the model")
+
+    monkeypatch.setattr(model.unwrap_python_model().predictor, "predict_source", broken)
+    with pytest.raises(MlflowException) as info:
+        model.predict(frame)
+    assert info.value.message == "internal error while predicting (RuntimeError); see the server log"
+    assert "Traceback" not in info.value.serialize_as_json() and info.value.get_http_status_code() == 500
 
 
 def test_wrong_input_columns_and_bad_params_are_refused(registered) -> None:
@@ -140,7 +236,8 @@ print(",".join(out["label"]))
 
 def test_model_loads_with_only_the_registry_uri_and_its_own_code(registered, images, store) -> None:
     done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_INSTALLED_ROCKCLS, f"models:/{NAME}@champion",
-                           *images[:2]], cwd=store, capture_output=True, text=True, timeout=300)
+                           *images[:2]], cwd=store, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})  # a checkout on it is rockcls too
     assert done.returncode == 0, done.stderr[-2000:]
     module_file, labels = done.stdout.strip().splitlines()[-2:]
     assert "/code/rockcls/" in module_file and str(Path(__file__).parents[1]) not in module_file

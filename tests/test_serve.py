@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from rockcls import ensemble, registry, tracking
+from rockcls.synthetic import EPS_BYTES, png_header_only
 from rockcls.train import run_training
 from tests.conftest import stop_group, tiny_config
 
@@ -60,11 +61,12 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def server(champion, store):
+def server(champion, store, synthetic_dir):
     """The scoring server in its own process group; always stopped, even when a test fails."""
     port = _free_port()
     log = open(store / "serve.log", "w")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           registry.IMAGE_ROOT_ENV: str(synthetic_dir)}  # img_path is refused without a root
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", champion, "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             cwd=store, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -97,7 +99,8 @@ def test_serve_answers_paths_and_base64_like_the_loaded_model(server, champion, 
                          {"dataframe_split": {"columns": ["img_path", "image_b64"], "data": rows}})
     assert status == 200, body
     served = pd.DataFrame(body["predictions"])
-    local = mlflow.pyfunc.load_model(champion).predict(pd.DataFrame({"img_path": images}))
+    local = mlflow.pyfunc.load_model(champion, model_config={"image_root": str(synthetic_dir)}).predict(
+        pd.DataFrame({"img_path": images}))
     assert list(served["label"][:-1]) == list(local["label"])
     prob_cols = [c for c in local.columns if c.startswith("prob_")]
     pd.testing.assert_frame_equal(served[prob_cols][:-1], local[prob_cols], atol=1e-6)
@@ -117,3 +120,21 @@ def test_serve_rejects_requests_without_an_image_column(server) -> None:
     status, body = _post(f"{server}/invocations", {"dataframe_split": {"columns": ["path"], "data": [["x.png"]]}})
     assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "model input needs a column 'img_path'" in body["message"]
+
+
+def test_serve_answers_bad_rows_with_their_reason_and_never_a_traceback(server, synthetic_dir) -> None:
+    image = sorted(synthetic_dir.rglob("*.png"))[0].read_bytes()
+    wrapped = base64.encodebytes(image).decode("ascii")
+    rows = [[None, wrapped], [None, base64.b64encode(png_header_only(40000, 40000)).decode("ascii")],
+            [None, base64.b64encode(EPS_BYTES).decode("ascii")], ["/etc/passwd", None], ["../../x.png", None]]
+    status, body = _post(f"{server}/invocations",
+                         {"dataframe_split": {"columns": ["img_path", "image_b64"], "data": rows}})
+    assert status == 200, body
+    out = pd.DataFrame(body["predictions"])
+    assert out["error"].iloc[0] == "" and out["label"].iloc[0] != ""
+    assert out["error"].iloc[1].startswith("too large") and out["error"].iloc[2].startswith("not a decodable image")
+    assert list(out["error"].iloc[3:]) == [registry.PATH_REFUSED] * 2
+    status, body = _post(f"{server}/invocations", {"dataframe_split": {"columns": ["image_b64"], "data": [[wrapped]]},
+                                                   "params": {"batch_size": -1}})
+    assert status == 400 and "batch_size: must be >= 1, got -1" in body["message"]
+    assert "stack_trace" not in body and "Traceback" not in json.dumps(body)

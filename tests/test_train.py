@@ -1,3 +1,4 @@
+import errno
 import os
 import signal
 import subprocess
@@ -10,8 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from rockcls import checkpoint, tracking
+from rockcls import train as train_mod
 from rockcls.checkpoint import load_checkpoint
-from rockcls.errors import ConfigError, DataError
+from rockcls.errors import ConfigError, DataError, RockclsError
 from rockcls.models import build_model_from_spec
 from rockcls.synthetic import make_dataset
 from rockcls.train import run_training
@@ -176,6 +179,66 @@ def test_resume_after_kill_trains_nothing_twice(mlflow_store, synthetic_dir, tmp
         for key in EPOCH_METRICS:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2, 3]
         assert client.list_artifacts(run.info.run_id, "checkpoints")
+
+
+def test_kill_between_best_and_last_checkpoint_resumes_with_the_pair_last_pt_names(mlflow_store, synthetic_dir,
+                                                                                 tmp_path, monkeypatch):
+    # Epoch 1 first looks like a new best (best-1.pt is written), then the process dies before last.pt;
+    # rerun after resume, the same epoch scores lower, so the weights kept must be epoch 0's.
+    scores = iter([0.5, 0.6, 0.4])
+    monkeypatch.setattr(train_mod, "macro_f1", lambda *a: next(scores, 0.3))
+    real_save = train_mod.save_checkpoint
+
+    def killed_before_last(payload, path):
+        if Path(path).name == "last.pt" and (Path(path).parent / "best-1.pt").exists():
+            raise KeyboardInterrupt  # what the run sees of a kill at this point
+        return real_save(payload, path)
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_before_last)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(synthetic_dir, folds=1, epochs=2, select="best"))
+    fold_dir = next((tmp_path / "outputs").glob("*/fold_0"))
+    assert sorted(p.name for p in fold_dir.iterdir()) == ["best-0.pt", "best-1.pt", "last.pt"]
+    assert load_checkpoint(fold_dir / "last.pt")["state"]["best_epoch"] == 0  # names a file that exists
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    result = run_training(tiny_config(synthetic_dir, resume=fold_dir.parent.name))
+    (fold,) = tracking.child_runs(result.run_id, kind="fold")
+    kept = load_checkpoint(tracking.download(fold.info.run_id, "checkpoints/model.pt", str(tmp_path / "dl")))
+    assert kept["epoch"] == 0 and fold.data.metrics["kept_epoch"] == 0
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_no_temp_file(mlflow_store, synthetic_dir,
+                                                                               tmp_path, monkeypatch):
+    real_save = checkpoint.torch.save
+    calls = []
+
+    def full_disk(payload, fh):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's last.pt
+            fh.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(payload, fh)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(RockclsError, match=r"checkpoint: cannot write .*last\.pt \(No space left on device\); "
+                                           r"the previous checkpoint is kept"):
+        run_training(tiny_config(synthetic_dir, folds=1, epochs=2))
+    fold_dir = next((tmp_path / "outputs").glob("*/fold_0"))
+    assert [p.name for p in fold_dir.iterdir()] == ["last.pt"]
+    assert load_checkpoint(fold_dir / "last.pt")["state"]["epoch"] == 1
+
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    result = run_training(tiny_config(synthetic_dir, resume=fold_dir.parent.name))
+    assert result.run_id == fold_dir.parent.name and np.isfinite(result.cv_macro_f1)
+
+
+def test_failed_npz_write_leaves_neither_file_nor_temp_file(tmp_path, monkeypatch):
+    def full_disk(fh, **arrays):
+        fh.write(b"half an archive")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(RockclsError, match=r"cannot write .*oof_fold\.npz \(No space left on device\)"):
+        checkpoint.write_npz_atomic(tmp_path / "oof_fold.npz", rows=np.arange(3))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_refuses_a_finished_run(mlflow_store, synthetic_dir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,9 +19,11 @@ import mlflow
 import optuna
 import pytest
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from rockcls import secrets
 from rockcls import study as study_mod
 from rockcls import train as training
 from rockcls.cli import run_command
@@ -298,6 +301,39 @@ def test_sqlite_ticket_queue_hands_each_trial_to_exactly_one_process(tmp_path):
     assert [t.state for t in queue.get_trials()] == [TrialState.COMPLETE] * n
 
 
+DIES_AFTER_CLAIM = textwrap.dedent("""
+    import os, signal, sys
+    import optuna
+    from rockcls import study as s
+    s.quiet_optuna()
+    storage = s.build_storage(sys.argv[1], heartbeat=1, retries=1)
+    study = s.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+                          pruner=optuna.pruners.NopPruner(), target=1)
+    study.ask()  # the ticket is ours: now die before Optuna's heartbeat thread ever starts
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_worker_killed_right_after_claiming_a_ticket_is_retried_by_another(tmp_path):
+    url = f"sqlite:///{tmp_path / 'queue.db'}"
+    storage = study_mod.build_storage(url, heartbeat=1, retries=1)
+    study_mod.top_up_tickets(optuna.create_study(study_name="queue", storage=storage), 1)
+    victim = subprocess.run([sys.executable, "-c", DIES_AFTER_CLAIM, url], timeout=120)
+    assert victim.returncode == -signal.SIGKILL
+    assert [t.state for t in optuna.load_study(study_name="queue", storage=url).get_trials()] == [TrialState.RUNNING]
+
+    # --timeout 0 waits for running trials without limit; this bound only keeps a failure from hanging.
+    survivor = study_mod.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+                                     pruner=optuna.pruners.NopPruner(), target=1, poll_s=0.2,
+                                     deadline=time.monotonic() + 120)
+    try:
+        survivor.optimize(lambda trial: 1.0)
+    except study_mod.NoTicketLeft:
+        pass
+    states = [(t.state, t.system_attrs.get("failed_trial")) for t in survivor.get_trials()]
+    assert states == [(TrialState.FAIL, None), (TrialState.COMPLETE, 0)]
+
+
 def test_killed_worker_trial_is_failed_and_retried(mlflow_store, tmp_path, data_dir):
     argv = ["--data", str(data_dir), *TRAIN_ARGS, "--trials", "2", "--epochs", "3", "--pruner", "none",
             "--heartbeat", "1", "--top-k", "0", "--register", ""]
@@ -461,12 +497,87 @@ def test_given_train_parameters_are_fixed_and_folds_default_to_one(tmp_path):
         study_mod.build_search_config({"data": "x", "resume": "abc"})
 
 
-def test_storage_urls_default_beside_mlflow_rewrite_postgres_and_mask_passwords():
+def test_storage_urls_default_beside_mlflow_rewrite_postgres_and_mask_passwords(monkeypatch):
+    monkeypatch.delenv(secrets.STORAGE_ENV, raising=False)
     assert study_mod.resolve_storage_url("", "sqlite:////data/exp/mlflow.db") == "sqlite:////data/exp/optuna.db"
     assert study_mod.resolve_storage_url("postgresql://u:pw@db:5432/optuna", "") == "postgresql+psycopg2://u:pw@db:5432/optuna"
-    assert study_mod.mask_url("postgresql+psycopg2://u:pw@db:5432/optuna") == "postgresql+psycopg2://u:***@db:5432/optuna"
+    assert secrets.mask_url("postgresql+psycopg2://u:pw@db:5432/optuna") == "postgresql+psycopg2://u:***@db:5432/optuna"
+    # Generated passwords hold '@', ':' and '/': everything up to the last '@' is user info.
+    assert secrets.mask_url("postgresql://u:p@ss:w/rd@db/optuna") == "postgresql://u:***@db/optuna"
+    assert secrets.mask_url("sqlite:///file:/x.db?uri=true&PASSWORD=pw&a=1") == "sqlite:///file:/x.db?uri=true&PASSWORD=***&a=1"
+    assert secrets.mask_url("sqlite:////data/a@b/mlflow.db") == "sqlite:////data/a@b/mlflow.db"
     with pytest.raises(ConfigError, match="storage: 'optuna.db' is not a database URL"):
         study_mod.resolve_storage_url("optuna.db", "")
+    monkeypatch.setenv(secrets.STORAGE_ENV, "postgresql://u@db/optuna")  # password in ~/.pgpass
+    assert study_mod.resolve_storage_url("", "") == "postgresql+psycopg2://u@db/optuna"
+    assert study_mod.resolve_storage_url("sqlite:///given.db", "") == "sqlite:///given.db"
+    monkeypatch.setenv(secrets.STORAGE_ENV, "u:hunter2@db")
+    with pytest.raises(ConfigError, match=r"^ROCKCLS_STORAGE: 'u:\*\*\*@db' is not a database URL"):
+        study_mod.resolve_storage_url("", "")
+
+
+def test_remembered_passwords_are_masked_in_every_log_record_and_error_line(capsys):
+    secrets.remember("postgresql://u:Zq81-p@ss@db/optuna")
+    record = logging.LogRecord("sqlalchemy", logging.ERROR, __file__, 1, "connect to %s failed", ("u:Zq81-p@ss@db",), None)
+    assert secrets.SecretFilter().filter(record) and record.getMessage() == "connect to u:***@db failed"
+
+    def fails(argv):
+        raise ConfigError("storage: driver said password Zq81-p@ss is wrong")
+
+    assert run_command(fails, []) == 2
+    assert capsys.readouterr().err == "rockcls: error: storage: driver said password *** is wrong\n"
+
+
+def grep_tree(root: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_storage_password_from_the_environment_reaches_no_store_file_log_or_output(
+        mlflow_store, tmp_path, data_dir, monkeypatch, capsys, caplog):
+    secret = "Zq81sEcReT9xK"  # shares nothing with the passwords other tests make `secrets` remember
+    # SQLite ignores unknown URI parameters, so this storage carries a password like a server URL would.
+    monkeypatch.setenv(secrets.STORAGE_ENV, f"sqlite:///file:{tmp_path / 'optuna.db'}?uri=true&password={secret}")
+    caplog.set_level(logging.DEBUG)
+    argv = ["--data", str(data_dir), *TRAIN_ARGS, "--trials", "2", "--epochs", "1", "--pruner", "none",
+            "--top-k", "1", "--register", "secret-test"]
+    assert run_command(tune.main, argv) == 0
+    out = capsys.readouterr()
+    assert "password=***" in out.out  # the summary names the storage, masked
+    client = MlflowClient()
+    study_run = client.search_runs([client.get_experiment_by_name("rockcls").experiment_id],
+                                   "tags.`rockcls.kind` = 'study'")[0]
+    assert study_run.data.tags["rockcls.storage"].endswith("password=***")
+    assert (tmp_path / "optuna.db").stat().st_size > 0
+    # the whole tracking store (database bytes, artifacts, registered model) and every line written
+    assert grep_tree(tmp_path, secret.encode()) == []
+    for text in (out.out, out.err, caplog.text):
+        assert secret not in text
+
+
+def test_password_in_storage_under_mlflow_run_fails_and_deletes_that_run_and_gc_purges_it(
+        mlflow_store, data_dir, monkeypatch, capsys):
+    secret = "p@ss:w/rd-Zq81"
+    url = f"postgresql://u:{secret}@db.invalid/optuna"
+    client = MlflowClient()
+    exp_id = client.create_experiment("rockcls")
+    run_id = client.create_run(exp_id).info.run_id
+    client.log_param(run_id, "storage", url)  # what `mlflow run -P storage=...` does before tune starts
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
+    capsys.readouterr()  # MLflow's own lines about creating the store
+    assert run_command(tune.main, ["--data", str(data_dir), *TRAIN_ARGS, "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rockcls: error: storage: holds a password") and err.count("\n") == 1
+    assert secret not in err and "ROCKCLS_STORAGE" in err and "~/.pgpass" in err
+    run = client.get_run(run_id)
+    assert (run.info.status, run.info.lifecycle_stage) == ("FAILED", "deleted")
+    gc = err.split("`mlflow gc ", 1)[1].split("`", 1)[0]
+    assert gc == f"--backend-store-uri {mlflow_store} --run-ids {run_id}"
+    done = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "gc", *gc.split()], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.raises(MlflowException):
+        client.get_run(run_id)
 
 
 def test_devices_one_worker_per_gpu_and_cpu_workers():

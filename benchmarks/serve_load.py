@@ -1,0 +1,279 @@
+"""Load test of a served rockcls ensemble: good and hostile requests from concurrent clients.
+
+    PYTHONPATH=. python benchmarks/serve_load.py [--requests 60] [--clients 4] [--rows 4]
+
+Trains a tiny ensemble (timm ``test_vit``, 32 px, 1 epoch, 2 folds) on synthetic images into a
+temporary MLflow store, registers it, starts ``mlflow models serve --env-manager local`` on
+127.0.0.1 with ``ROCKCLS_IMAGE_ROOT`` set to the image folder, and sends ``--requests`` requests
+from ``--clients`` threads. Requests cycle through: image paths under the root, base64, base64
+with line breaks (as ``base64`` without ``-w0`` prints it), a batch mixing one good image with
+every bad input (a PNG header claiming 40000x40000, a truncated PNG, an EPS file, an img_path
+outside the root, a FIFO under the root), and ``batch_size=-1``. Every answer is checked: bad
+rows carry their reason, good rows of the same batch are predicted, no body holds a traceback.
+
+Prints ``requests``, ``errors_5xx``, ``p50_ms``, ``p99_ms``, ``images_per_s`` (good images
+predicted per second of the load phase), ``server_peak_rss_mb`` (all server processes, sampled
+every 50 ms), the check results, and one line per bad input with the answer it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+NAME = "serve-load"
+
+
+def build_model(work: Path) -> tuple[str, Path]:
+    """Train and register the tiny ensemble; returns (tracking URI, image folder)."""
+    import mlflow
+
+    from rockcls import ensemble, registry, tracking
+    from rockcls.config import TrainConfig, build_config
+    from rockcls.synthetic import make_dataset
+    from rockcls.train import run_training
+
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["ROCKCLS_CACHE_DIR"] = str(work / "cache")
+    mlflow.set_tracking_uri(uri)
+    data = make_dataset(work / "images", [16, 16, 16], size=48, seed=3)
+    cfg = build_config(TrainConfig, dict(data=str(data), backbone="test_vit", pretrained=False, img_size=32,
+                                         folds=2, epochs=1, batch_size=16, num_workers=0, hn_memory=32,
+                                         warmup_epochs=0.5, device="cpu", output_dir=str(work / "outputs")))
+    run = run_training(cfg)
+    fit = ensemble.fit_ensemble(ensemble.load_members([run.run_id]))
+    run_id = ensemble.log_ensemble(fit, experiment="rockcls")
+    registry.register_ensemble(fit, name=NAME, run_id=run_id)
+    tracking.end_run(run_id)
+    return uri, data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(work: Path, uri: str, root: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ROCKCLS_IMAGE_ROOT": str(root),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log = open(work / "serve.log", "w")
+    return subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                             f"models:/{NAME}@champion", "--env-manager", "local", "-h", "127.0.0.1",
+                             "-p", str(port), "-w", "1"],
+                            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"no /ping answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in the server's process group (uvicorn workers included)."""
+    total_kb = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # fields[2] is the pgrp (field 5 of /proc/PID/stat)
+                continue
+            for line in Path(entry.path, "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while being read
+    return total_kb / 1024
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pgid: int, every_s: float = 0.05):
+        super().__init__(daemon=True)
+        self.pgid, self.every_s, self.peak, self.stop = pgid, every_s, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, group_rss_mb(self.pgid))
+            self.stop.wait(self.every_s)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def build_requests(images: list[Path], root: Path, outside: Path, fifo: Path, n: int, rows: int) -> list[dict]:
+    """``n`` request specs: the payload and, per row, what a correct answer looks like."""
+    from rockcls.registry import PATH_REFUSED
+    from rockcls.synthetic import EPS_BYTES, png_header_only
+
+    good = [p.read_bytes() for p in images]
+    bad = [("40000x40000 PNG header (b64)", [None, b64(png_header_only(40000, 40000))], "too large"),
+           ("truncated PNG (b64)", [None, b64(good[0][: len(good[0]) // 2])], "not a decodable image"),
+           ("EPS file (b64)", [None, b64(EPS_BYTES)], "not a decodable image"),
+           ("img_path outside the root", [str(outside), None], PATH_REFUSED),
+           ("img_path ../ escaping the root", ["../outside.png", None], PATH_REFUSED),
+           ("FIFO under the root", [str(fifo.relative_to(root)), None], PATH_REFUSED),
+           ("not base64", [None, "%%%"], "image_b64: not valid base64")]
+    specs = []
+    for i in range(n):
+        kind = ("path", "b64", "b64_wrapped", "mixed_bad", "bad_param")[i % 5]
+        pick = [(i * rows + k) % len(images) for k in range(rows)]
+        if kind == "path":
+            data = [[str(images[k].relative_to(root)), None] for k in pick]
+        elif kind == "b64":
+            data = [[None, b64(good[k])] for k in pick]
+        elif kind == "b64_wrapped":
+            data = [[None, base64.encodebytes(good[k]).decode("ascii")] for k in pick]
+        elif kind == "mixed_bad":
+            data = [[None, b64(good[pick[0]])]] + [row for _, row, _ in bad]
+        else:
+            data = [[None, b64(good[pick[0]])]]
+        expect = [""] * len(data) if kind != "mixed_bad" else [""] + [reason for _, _, reason in bad]
+        body = {"dataframe_split": {"columns": ["img_path", "image_b64"], "data": data}}
+        if kind == "bad_param":
+            body["params"] = {"batch_size": -1}
+        specs.append({"kind": kind, "body": json.dumps(body).encode(), "expect": expect,
+                      "labels": [name for name, _, _ in bad] if kind == "mixed_bad" else []})
+    return specs
+
+
+def post(url: str, payload: bytes) -> tuple[int, str, float]:
+    req = urllib.request.Request(f"{url}/invocations", data=payload, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            status, text = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    return status, text, (time.perf_counter() - start) * 1000
+
+
+def check(spec: dict, status: int, text: str) -> tuple[list[str], int, dict[str, str]]:
+    """(problems, good images predicted, answer per bad input) of one response."""
+    problems, answers = [], {}
+    if "Traceback" in text or "stack_trace" in text:
+        problems.append(f"{spec['kind']}: traceback in the response")
+    if spec["kind"] == "bad_param":
+        if status != 400 or "batch_size: must be >= 1" not in text:
+            problems.append(f"bad_param: HTTP {status}: {text[:200]}")
+        # MLflow puts the request's data in front of the model's message: keep the model's part.
+        message = json.loads(text).get("message", "").rsplit("Error: ", 1)[-1]
+        answers["batch_size=-1"] = f"HTTP {status}, message {message!r}"
+        return problems, 0, answers
+    if status != 200:
+        return problems + [f"{spec['kind']}: HTTP {status}: {text[:200]}"], 0, answers
+    rows = json.loads(text)["predictions"]
+    good = 0
+    for k, (row, want) in enumerate(zip(rows, spec["expect"])):
+        if not want:
+            if row["error"] or not row["label"]:
+                problems.append(f"{spec['kind']} row {k}: good image not predicted ({row['error']})")
+            good += 1
+        else:
+            if row["label"] or not row["error"].startswith(want):
+                problems.append(f"{spec['kind']} row {k}: expected {want!r}, got {row['error']!r}")
+            answers[spec["labels"][k - 1]] = f"HTTP 200, row error {row['error']!r}"
+    return problems, good, answers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=60, help="requests in all")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
+    parser.add_argument("--rows", type=int, default=4, help="images per good request")
+    args = parser.parse_args(argv)
+    if min(args.requests, args.clients, args.rows) < 1:
+        parser.error("--requests, --clients and --rows must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="rockcls-serve-load-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        uri, root = build_model(work)
+        print(f"model trained and registered in {time.perf_counter() - t0:.0f} s")
+        outside = work / "outside.png"
+        images = sorted(root.rglob("*.png"))
+        outside.write_bytes(images[0].read_bytes())
+        fifo = root / "fifo.png"
+        os.mkfifo(fifo)
+        specs = build_requests(images, root, outside, fifo, args.requests, args.rows)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start_server(work, uri, root, port)
+        try:
+            wait_ready(proc, url, work / "serve.log")
+            idle_mb = group_rss_mb(proc.pid)
+            sampler = RssSampler(proc.pid)
+            sampler.start()
+            start = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                results = list(pool.map(lambda s: post(url, s["body"]), specs))
+            wall = time.perf_counter() - start
+            sampler.stop.set()
+            sampler.join()
+        finally:
+            stop_server(proc)
+    problems, good, answers = [], 0, {}
+    for spec, (status, text, _) in zip(specs, results):
+        p, g, a = check(spec, status, text)
+        problems += p
+        good += g
+        answers.update(a)
+    latencies = sorted(ms for _, _, ms in results)
+    p99 = latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))]
+    print(f"requests {len(results)}")
+    print(f"clients {args.clients}")
+    print(f"errors_5xx {sum(status >= 500 for status, _, _ in results)}")
+    print(f"errors_4xx {sum(400 <= status < 500 for status, _, _ in results)} (expected: the batch_size=-1 requests, "
+          f"{sum(s['kind'] == 'bad_param' for s in specs)})")
+    print(f"p50_ms {statistics.median(latencies):.0f}")
+    print(f"p99_ms {p99:.0f}")
+    print(f"images_per_s {good / wall:.1f} ({good} good images in {wall:.1f} s)")
+    print(f"server_idle_rss_mb {idle_mb:.0f}")
+    print(f"server_peak_rss_mb {sampler.peak:.0f}")
+    print(f"traceback_in_responses {sum('Traceback' in text for _, text, _ in results)}")
+    print(f"check_failures {len(problems)}")
+    for line in problems[:10]:
+        print(f"  {line}")
+    for name, answer in answers.items():
+        print(f"bad input: {name} -> {answer}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
