@@ -18,6 +18,7 @@ the registered ensemble never scores below equal weights or below its best membe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -55,6 +56,7 @@ class Member:
     logits: np.ndarray
     classes: list[str]
     tags: dict[str, str] = field(default_factory=dict)
+    tta: str = "none"
 
 
 def load_member(run_id: str) -> Member:
@@ -62,7 +64,7 @@ def load_member(run_id: str) -> Member:
     with np.load(tracking.download(run_id, "oof_logits.npz"), allow_pickle=False) as z:
         return Member(run_id, run.data.tags.get("mlflow.runName", run_id[:8]), z["ids"], z["labels"],
                       z["fold"], z["logits"].astype(np.float32), [str(c) for c in z["classes"]],
-                      dict(run.data.tags))
+                      dict(run.data.tags), run.data.params.get("tta", "none"))
 
 
 def load_members(run_ids: Sequence[str]) -> list[Member]:
@@ -75,6 +77,16 @@ def load_members(run_ids: Sequence[str]) -> list[Member]:
     members = [load_member(r) for r in run_ids]
     check_same_split(members)
     return members
+
+
+def members_tta(members: Sequence[Member]) -> str:
+    """The test-time views the members' out-of-fold logits were made with, when they agree: the
+    registered model then predicts the way its honest score was measured."""
+    views = {m.tta for m in members}
+    if len(views) == 1:
+        return views.pop()
+    log.warning("members used different OOF views (%s); the registered model uses none", ", ".join(sorted(views)))
+    return "none"
 
 
 def check_same_split(members: Sequence[Member]) -> None:
@@ -393,7 +405,8 @@ class EnsembleConfig:
     bias: bool = _opt(True, "also search a per-class logit bias")
     register: str = _opt("", "registered model name; empty = do not register")
     force: bool = _opt(False, "move the champion alias even without improvement")
-    tta: str = _opt("none", "test-time augmentation of the registered model", choices=tuple(TTA_VIEWS))
+    tta: str = _opt("auto", "test-time augmentation of the registered model; auto = the views the members' "
+                            "out-of-fold predictions (and so the honest score) used", choices=("auto", *TTA_VIEWS))
     seed: int = _opt(0, "seed of the cross-fitting partition when the runs used one holdout (folds=1)")
 
 
@@ -409,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or top_runs(cfg.experiment, cfg.top)
     members = load_members(run_ids)
     fit = fit_ensemble(members, bias=cfg.bias, seed=cfg.seed)
+    if cfg.tta == "auto":
+        cfg = dataclasses.replace(cfg, tta=members_tta(members))
     run_id = log_ensemble(fit, experiment=cfg.experiment,
                           params={"bias": cfg.bias, "seed": cfg.seed, "tta": cfg.tta, "top": cfg.top,
                                   "register": cfg.register, "force": cfg.force})

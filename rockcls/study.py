@@ -880,16 +880,19 @@ def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOut
     ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
                     reverse=True)
     run_ids = [t.user_attrs[RUN_ID] for t in ranked if t.user_attrs.get(RUN_ID)][:plan.tune.top_k]
-    fit = ensemble.fit_ensemble(ensemble.load_members(run_ids), bias=True, seed=plan.base.seed)
+    members = ensemble.load_members(run_ids)
+    fit = ensemble.fit_ensemble(members, bias=True, seed=plan.base.seed)
+    tta = ensemble.members_tta(members)
     run_id = ensemble.log_ensemble(fit, experiment=plan.base.experiment, parent_run_id=outcome.study_run_id,
                                    params={"top_k": plan.tune.top_k, "study": plan.study_name,
-                                           "register": plan.tune.register},
+                                           "register": plan.tune.register, "tta": tta},
                                    tags={"rockcls.study": plan.study_name})
     try:
         if plan.tune.register:
             from rockcls.registry import register_ensemble
 
-            outcome.registration = register_ensemble(fit, name=plan.tune.register, run_id=run_id).summary()
+            outcome.registration = register_ensemble(fit, name=plan.tune.register, run_id=run_id,
+                                                           tta=tta).summary()
     except BaseException:
         tracking.end_run(run_id, "FAILED")
         raise

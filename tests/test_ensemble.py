@@ -231,6 +231,8 @@ def test_ensemble_command_logs_weights_bias_scores_and_confusion_matrix(runs, ca
     run = client.search_runs([client.get_experiment_by_name("rockcls").experiment_id],
                              filter_string="tags.`rockcls.kind` = 'ensemble'")[0]
     assert run.info.status == "FINISHED" and run.data.tags["rockcls.members"] == f"{a},{b}"
+    # tta auto: the views the members' OOF logits (and so the honest score) were made with
+    assert run.data.params["tta"] == client.get_run(a).data.params["tta"]
     metrics = run.data.metrics
     for key in ("ensemble_macro_f1", "insample_macro_f1", "equal_weight_macro_f1", "weight.0", "weight.1",
                 "member_macro_f1.0", "member_macro_f1.1", "best_member_macro_f1"):
@@ -245,6 +247,15 @@ def test_ensemble_command_logs_weights_bias_scores_and_confusion_matrix(runs, ca
     saved = json.loads(open(path).read())
     assert [m["run_id"] for m in saved["members"]] == [a, b] and set(saved["bias"]) == set(saved["classes"])
     assert saved["scores"]["crossfit_macro_f1"] == pytest.approx(metrics["ensemble_macro_f1"])
+
+
+def test_members_tta_is_their_common_views_else_none() -> None:
+    members = _oof_members()
+    for m in members:
+        m.tta = "d4"
+    assert ensemble.members_tta(members) == "d4"
+    members[0].tta = "flip"
+    assert ensemble.members_tta(members) == "none"
 
 
 def test_ensemble_command_refuses_a_mixed_split(runs) -> None:
