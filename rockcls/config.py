@@ -173,15 +173,26 @@ def build_config(cls: type[C], overrides: dict[str, Any] | None = None) -> C:
     return cfg
 
 
+def _flags(name: str, prefix: str = "") -> list[str]:
+    """``--prefix-name-with-dashes``, and the ``--prefix_name_with_underscores`` form ``mlflow run`` uses."""
+    dashed = f"--{prefix}{name.replace('_', '-')}"
+    return [dashed] + ([f"--{prefix.replace('-', '_')}{name}"] if "_" in name else [])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--name-with-dashes`` (and the ``--name_with_underscores`` form ``mlflow run`` uses)."""
+    """One flag per field. Booleans are switches (``--flag`` true, ``--no-flag`` false) that also
+    take a value (``--flag false``), because MLproject commands pass every value explicitly."""
     for f in fields(cls):
-        flags = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            flags.append(f"--{f.name}")
-        default = f.default
-        parser.add_argument(*flags, dest=f.name, default=None, metavar=_field_type(f).__name__.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+        typ = _field_type(f)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if typ is not bool:
+            parser.add_argument(*_flags(f.name), dest=f.name, default=None, metavar=typ.__name__.upper(),
+                                help=help_text)
+            continue
+        parser.add_argument(*_flags(f.name), dest=f.name, default=None, nargs="?", const="true",
+                            metavar="BOOL", help=f"{help_text}; {_flags(f.name, 'no-')[0]} for false")
+        parser.add_argument(*_flags(f.name, "no-"), dest=f.name, action="store_const", const="false",
+                            help=argparse.SUPPRESS)
 
 
 def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:
