@@ -89,12 +89,15 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def load_dataset(cfg: TrainConfig) -> DatasetIndex:
-    index = index_dataset(cfg.data)
+    """The validated dataset; every problem of the data is reported at once, listed in
+    ``<output_dir>/data_problems.tsv``."""
+    index = index_dataset(cfg.data, check=False)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     # With the cache on, validation's decode pass also fills it: each file is decoded once.
     cache_size = resolve_cache_size(cfg.img_size, cfg.cache_size) if cfg.cache else 0
     return validate_images(index, skip_bad=cfg.skip_bad_images, cache_dir=cache_dir,
-                           workers=max(4, cfg.num_workers * 2), cache_size=cache_size)
+                           workers=max(4, cfg.num_workers * 2), cache_size=cache_size,
+                           min_per_class=max(cfg.folds, 2), report=Path(cfg.output_dir) / "data_problems.tsv")
 
 
 def build_plan(cfg: TrainConfig) -> Plan:
@@ -113,6 +116,7 @@ def build_plan(cfg: TrainConfig) -> Plan:
         "num_images": len(index),
         "num_classes": len(index.classes),
         "num_skipped": len(index.skipped),
+        "num_ignored_files": len(index.ignored),
         "data_fingerprint": content_fingerprint(index),
         "split_fingerprint": split_fingerprint(index, fold_of),
         "device": str(device),
