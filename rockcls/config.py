@@ -25,6 +25,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT_MODES = ("last", "best")
 TTA_MODES = ("none", "flip", "d4")
 
+EXPERIMENT_DEFAULT = "empty = the one `mlflow run --experiment-name` or MLFLOW_EXPERIMENT_NAME chose, else rockcls"
+
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
@@ -68,7 +70,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     seed: int = _opt(42, "seed of initialisation, sampling and augmentation", min=0)
     split_seed: int = _opt(42, "seed of the fold split (members of one ensemble share it)", min=0)
-    experiment: str = _opt("rockcls", "MLflow experiment name")
+    experiment: str = _opt("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")
     skip_bad_images: bool = _opt(False, "warn and skip unreadable images instead of failing")
     cache: bool = _opt(True, "decode images once into a resized uint8 cache shared by runs")
     cache_size: int = _opt(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
@@ -193,6 +195,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                             metavar="BOOL", help=f"{help_text}; {_flags(f.name, 'no-')[0]} for false")
         parser.add_argument(*_flags(f.name, "no-"), dest=f.name, action="store_const", const="false",
                             help=argparse.SUPPRESS)
+
+
+def command_flags(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild ``cfg`` from its defaults (``--no-x`` for a false switch), shell-quoted."""
+    import shlex
+
+    out: list[str] = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in skip or value == f.default:
+            continue
+        flag = _flags(f.name)[0]
+        if isinstance(value, bool):
+            out.append(flag if value else _flags(f.name, "no-")[0])
+        else:
+            out += [flag, shlex.quote(str(value))]
+    return out
 
 
 def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:

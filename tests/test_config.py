@@ -70,9 +70,15 @@ def test_mlproject_train_defaults_match_the_config():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
     cfg = build_config(TrainConfig, {k: v["default"] for k, v in spec["parameters"].items()})
     assert cfg == TrainConfig()
-    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)}
+    # `experiment` comes from `mlflow run --experiment-name`: a parameter for it could not take effect
+    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)} - {"experiment"}
     for name in spec["parameters"]:
         assert f"{{{name}}}" in spec["command"]
+
+
+def test_no_mlproject_entry_point_takes_an_experiment_parameter():
+    for name, spec in yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items():
+        assert "experiment" not in spec["parameters"] and "--experiment" not in spec["command"], name
 
 
 def test_conda_env_lists_the_package_dependencies():
