@@ -269,11 +269,13 @@ class EnsembleFit:
         """Markdown: the members and weights, the rule, the honest score, and how to repeat it."""
         rows = "\n".join(f"| {n} | `{r}` | {w:.3f} | {self.member_scores[r]:.4f} |"
                          for n, r, w in zip(self.names, self.run_ids, self.weights))
+        # The score comes first: the run page shows the first lines of a description until "Show more".
         return (f"**Ensemble** of {len(self.run_ids)} train runs, weighted soft voting; rule chosen by honest score: "
-                f"**{self.strategy}**.\n\n| member | run | weight | OOF macro-F1 |\n|---|---|---|---|\n{rows}\n\n"
+                f"**{self.strategy}**.\n\n"
                 f"**Honest macro-F1 {self.crossfit_score:.4f}** (cross-fitted over {self.num_groups} groups); best "
                 f"member {self.best_member_score:.4f}, equal weights {self.equal_weight_score:.4f}, fitted in-sample "
-                f"{self.insample_score:.4f} (optimistic).\n\nRepeat it:\n\n```\n{command}\n```")
+                f"{self.insample_score:.4f} (optimistic).\n\n| member | run | weight | OOF macro-F1 |\n|---|---|---|---|\n"
+                f"{rows}\n\nRepeat it:\n\n```\n{command}\n```")
 
     def score_table(self) -> pd.DataFrame:
         rows = [{"model": f"member {n}", "run_id": r, "weight": float(w), "macro_f1": self.member_scores[r],

@@ -54,10 +54,10 @@ from rockcls.registry import RockclsModel
 
 set_model(RockclsModel())
 '''
-MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting ensemble of k-fold train runs
-(every fold checkpoint of every member with a weight), made by `rockcls ensemble --register` or an Optuna study.
+# One line per paragraph or item: the MLflow UI renders a single newline as a line break.
+MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting ensemble of k-fold train runs (every fold checkpoint of every member with a weight), made by `rockcls ensemble --register` or an Optuna study.
 
-* Load: `mlflow.pyfunc.load_model("models:/NAME@champion")`, or serve it with `mlflow models serve`.
+* Load: `mlflow.pyfunc.load_model("models:/{name}@champion")`, or serve it with `mlflow models serve -m models:/{name}@champion`.
 * Input: a DataFrame with `img_path` (paths readable where the model runs) and/or `image_b64`.
 * Output: `label`, one `prob_<class>` column per class, and `error` for images that could not be read.
 * `@champion` moves only to a version with a higher honest (cross-fitted) macro-F1, tag `rockcls.macro_f1`.
@@ -232,7 +232,9 @@ def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "
     model = mlflow.initialize_logged_model(
         name=name or fit.name, source_run_id=run_id, experiment_id=run.info.experiment_id,
         model_type="rockcls-ensemble", params=dict(run.data.params),
-        tags={"rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy, "rockcls.tta": tta})
+        # context tags first: the Models tab's "Logged from" names the command, not __main__.py
+        tags={**tracking.context_tags(), "rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy,
+              "rockcls.tta": tta})
     with tempfile.TemporaryDirectory(prefix="rockcls-model-") as tmp:
         work = Path(tmp)
         _, artifacts = pack_ensemble(fit, tta, work)
@@ -290,7 +292,7 @@ def describe_registration(fit: EnsembleFit, reg: Registration, *, run_id: str, t
         f"TTA {tta}. **Honest macro-F1 {fit.score:.4f}** (cross-fitted); best member {fit.best_member_score:.4f}, "
         f"equal weights {fit.equal_weight_score:.4f}. Made by ensemble run `{run_id}`. {state}: {reg.reason}."))
     if not client.get_registered_model(reg.name).description:
-        client.update_registered_model(reg.name, description=MODEL_NOTE)
+        client.update_registered_model(reg.name, description=MODEL_NOTE.format(name=reg.name))
     note = tracking.get_run(run_id).data.tags.get(tracking.NOTE, "")
     tracking.set_description(run_id, f"{note}\n\nLogged as model `{fit.name}` (this experiment's Models tab) and "
                                      f"registered as `{reg.name}` version {reg.version}: {state} ({reg.reason}).")

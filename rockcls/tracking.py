@@ -36,14 +36,12 @@ SOURCE_NAME = "mlflow.source.name"
 DEFAULT_EXPERIMENT = "rockcls"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment
 MAX_PARAM_LEN = 6000
+# One line per item: the MLflow UI renders a single newline as a line break.
 EXPERIMENT_NOTE = """Runs of rockcls image classification, one kind per `rockcls.kind` tag:
 
-* **train**: k-fold training of one backbone (children: one **fold** run each); score `cv_macro_f1`
-  (out-of-fold macro-F1). Repeat one with the command line in its description.
-* **ensemble**: weighted soft voting of train runs, scored honestly (`ensemble_macro_f1`, cross-fitted);
-  its logged model is in this experiment's Models tab, registered versions in the registry.
-* **study** (children: **trial** runs, the study's **ensemble**): an Optuna search; `best_macro_f1` per
-  finished trial.
+* **train**: k-fold training of one backbone (children: one **fold** run each); score `cv_macro_f1` (out-of-fold macro-F1). Repeat one with the command line in its description.
+* **ensemble**: weighted soft voting of train runs, scored honestly (`ensemble_macro_f1`, cross-fitted); its logged model is in this experiment's Models tab, registered versions in the registry.
+* **study** (children: **trial** runs, the study's **ensemble**): an Optuna search; `best_macro_f1` per finished trial.
 * **predict**: predictions of a folder or CSV with a train run or registered model.
 
 Sort by `metrics.cv_macro_f1` to rank train runs; `rockcls ensemble --top K` takes the best K.

@@ -138,11 +138,12 @@ def test_ensemble_run_is_named_by_its_members_and_logs_its_model_in_its_experime
         runs_of(workflow, "train")[0].inputs.dataset_inputs[0].dataset.name]
     (model,) = client.search_logged_models([exp.experiment_id])
     assert model.name == run.info.run_name and model.source_run_id == run.info.run_id
+    assert model.tags["mlflow.source.name"] == "rockcls test"  # the Models tab's "Logged from"
     assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
     version = client.get_model_version(NAME, "1")
     assert version.source == f"models:/{model.model_id}"  # the version's "Source model" link
     assert "Honest macro-F1" in version.description and "@champion" in version.description
-    assert "champion" in client.get_registered_model(NAME).description
+    assert f"models:/{NAME}@champion" in client.get_registered_model(NAME).description
 
 
 def test_predict_run_describes_its_input_and_model(workflow) -> None:
