@@ -287,10 +287,11 @@ def describe_registration(fit: EnsembleFit, reg: Registration, *, run_id: str, t
     """Descriptions of the version, of the registered model (when it has none) and a line on the run."""
     client = MlflowClient()
     state = "@champion" if reg.champion else "not champion"
+    # Score and alias first: the versions table previews only the start of a description.
     client.update_model_version(reg.name, reg.version, description=(
-        f"Ensemble `{fit.name}` of {len(fit.run_ids)} train runs ({', '.join(fit.names)}), rule **{fit.strategy}**, "
-        f"TTA {tta}. **Honest macro-F1 {fit.score:.4f}** (cross-fitted); best member {fit.best_member_score:.4f}, "
-        f"equal weights {fit.equal_weight_score:.4f}. Made by ensemble run `{run_id}`. {state}: {reg.reason}."))
+        f"**Honest macro-F1 {fit.score:.4f}** (cross-fitted), {state}: {reg.reason}. Ensemble `{fit.name}` of "
+        f"{len(fit.run_ids)} train runs ({', '.join(fit.names)}), rule **{fit.strategy}**, TTA {tta}; best member "
+        f"{fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}. Made by ensemble run `{run_id}`."))
     if not client.get_registered_model(reg.name).description:
         client.update_registered_model(reg.name, description=MODEL_NOTE.format(name=reg.name))
     note = tracking.get_run(run_id).data.tags.get(tracking.NOTE, "")
