@@ -32,7 +32,6 @@ builders killed mid-way are deleted by the next build once a day old.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import logging
 import os
@@ -46,7 +45,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from rockcls.config import _opt, build_config, default_cache_dir
+from rockcls.config import _opt, add_config_arguments, build_config, default_cache_dir
 from rockcls.data import (FileStat, index_dataset, load_checked, map_in_threads, stat_files,
                           stats_fingerprint, validate_images)
 from rockcls.errors import DataError
@@ -285,13 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rockcls prepare",
         description="Index and validate a dataset and cache its decoded, resized images for training.")
-    for f in dataclasses.fields(PrepareConfig):
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        # A bare boolean flag means true; `--flag false` also works (what `mlflow run` passes).
-        typ = f.type if isinstance(f.type, str) else f.type.__name__
-        extra = {"nargs": "?", "const": "true"} if typ == "bool" else {}
-        parser.add_argument(*flags, dest=f.name, default=None, metavar=typ.upper(),
-                            help=f"{f.metadata['help']} (default: {f.default!r})", **extra)
+    add_config_arguments(parser, PrepareConfig)
     return parser
 
 
@@ -300,8 +293,8 @@ def prepare(cfg: PrepareConfig) -> tuple[ImageCache, int, bool]:
     size = resolve_cache_size(cfg.img_size, cfg.cache_size)
     cache_dir = resolve_cache_dir(cfg.cache_dir)
     before = set((cache_dir / "images").glob("*.npz"))
-    index = validate_images(index_dataset(cfg.data), skip_bad=cfg.skip_bad_images, cache_dir=cache_dir,
-                            workers=cfg.workers, cache_size=size)
+    index = validate_images(index_dataset(cfg.data, check=False), skip_bad=cfg.skip_bad_images,
+                            cache_dir=cache_dir, workers=cfg.workers, cache_size=size)
     cache = open_cache(index.paths, cache_dir=cache_dir, size=size, workers=cfg.workers)
     return cache, len(index.skipped), cache.data_path.with_suffix(".npz") not in before
 

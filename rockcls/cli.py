@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"rockcls: error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
         return 2
+    from rockcls import tracking
     from rockcls.progress import setup_logging
 
     setup_logging()
+    tracking.set_program(f"rockcls {argv[0]}")
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return run_command(module.main, argv[1:])
 

@@ -27,6 +27,8 @@ AUTO_LR_SCRATCH = 2e-3
 AUTO_LR_PRETRAINED = 5e-4
 TTA_MODES = ("none", "flip", "d4")
 
+EXPERIMENT_DEFAULT = "empty = the one `mlflow run --experiment-name` or MLFLOW_EXPERIMENT_NAME chose, else rockcls"
+
 _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
@@ -71,7 +73,7 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     seed: int = _opt(42, "seed of initialisation, sampling and augmentation", min=0)
     split_seed: int = _opt(42, "seed of the fold split (members of one ensemble share it)", min=0)
-    experiment: str = _opt("rockcls", "MLflow experiment name")
+    experiment: str = _opt("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")
     skip_bad_images: bool = _opt(False, "warn and skip unreadable images instead of failing")
     cache: bool = _opt(True, "decode images once into a resized uint8 cache shared by runs")
     cache_size: int = _opt(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
@@ -194,15 +196,43 @@ def build_config(cls: type[C], overrides: dict[str, Any] | None = None) -> C:
     return cfg
 
 
+def _flags(name: str, prefix: str = "") -> list[str]:
+    """``--prefix-name-with-dashes``, and the ``--prefix_name_with_underscores`` form ``mlflow run`` uses."""
+    dashed = f"--{prefix}{name.replace('_', '-')}"
+    return [dashed] + ([f"--{prefix.replace('-', '_')}{name}"] if "_" in name else [])
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add ``--name-with-dashes`` (and the ``--name_with_underscores`` form ``mlflow run`` uses)."""
+    """One flag per field. Booleans are switches (``--flag`` true, ``--no-flag`` false) that also
+    take a value (``--flag false``), because MLproject commands pass every value explicitly."""
     for f in fields(cls):
-        flags = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            flags.append(f"--{f.name}")
-        default = f.default
-        parser.add_argument(*flags, dest=f.name, default=None, metavar=_field_type(f).__name__.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+        typ = _field_type(f)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if typ is not bool:
+            parser.add_argument(*_flags(f.name), dest=f.name, default=None, metavar=typ.__name__.upper(),
+                                help=help_text)
+            continue
+        parser.add_argument(*_flags(f.name), dest=f.name, default=None, nargs="?", const="true",
+                            metavar="BOOL", help=f"{help_text}; {_flags(f.name, 'no-')[0]} for false")
+        parser.add_argument(*_flags(f.name, "no-"), dest=f.name, action="store_const", const="false",
+                            help=argparse.SUPPRESS)
+
+
+def command_flags(cfg: Any, skip: tuple[str, ...] = ()) -> list[str]:
+    """The flags that rebuild ``cfg`` from its defaults (``--no-x`` for a false switch), shell-quoted."""
+    import shlex
+
+    out: list[str] = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in skip or value == f.default:
+            continue
+        flag = _flags(f.name)[0]
+        if isinstance(value, bool):
+            out.append(flag if value else _flags(f.name, "no-")[0])
+        else:
+            out += [flag, shlex.quote(str(value))]
+    return out
 
 
 def config_from_args(cls: type[C], ns: argparse.Namespace) -> C:

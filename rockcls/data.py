@@ -13,10 +13,11 @@ import io
 import json
 import math
 import os
+import logging
 import stat
 import sys
+import tempfile
 import threading
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,19 +36,36 @@ from rockcls.progress import track
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 MIN_SIDE = 8
+SHOWN = 3  # problems named in the one-line error; the report file lists them all
+
+# Kinds of data problems (singular -> plural), reported together by validation.
+BAD_IMAGE = "bad image"
+EMPTY_CLASS = "empty class folder"
+FEW_IMAGES = "class with too few images"
+EMPTY_LABEL = "empty label"
+UNKNOWN_LABEL = "unknown label"
+PLURALS = {BAD_IMAGE: "bad images", EMPTY_CLASS: "empty class folders", FEW_IMAGES: "classes with too few images",
+           EMPTY_LABEL: "empty labels", UNKNOWN_LABEL: "unknown labels"}
 
 # Bad images are reported once, by validation, naming the file; OpenCV's own per-file warnings
 # on stderr would only repeat that (thousands of lines on a large dataset).
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
+log = logging.getLogger("rockcls")
 T = TypeVar("T")
 R = TypeVar("R")
 FileStat = tuple[int, int, int, int] | None
+Problem = tuple[str, str, str]  # (kind, where: a path, folder, CSV row or class, detail)
 
 
 @dataclass
 class DatasetIndex:
-    """Image files with their integer labels (-1 when unlabeled) and sorted class names."""
+    """Image files with their integer labels (-1 when unlabeled) and sorted class names.
+
+    ``skipped``: bad images left out (path, reason); ``ignored``: files that are not part of the
+    dataset (no image extension, hidden); ``problems``: what indexing found wrong, reported by
+    validation together with the bad images.
+    """
 
     paths: list[str]
     labels: np.ndarray
@@ -55,6 +73,8 @@ class DatasetIndex:
     ids: list[str]
     root: str = ""
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -63,28 +83,42 @@ class DatasetIndex:
         keep = np.asarray(keep, dtype=bool)
         pick = np.flatnonzero(keep)
         return DatasetIndex([self.paths[i] for i in pick], self.labels[pick], self.classes,
-                            [self.ids[i] for i in pick], self.root, list(self.skipped))
+                            [self.ids[i] for i in pick], self.root, list(self.skipped), list(self.ignored),
+                            list(self.problems))
 
 
 # ---------------------------------------------------------------------------- indexing
 
 def index_dataset(source: str | os.PathLike, classes: Sequence[str] | None = None,
-                  labeled: bool = True) -> DatasetIndex:
-    """Index a class-per-folder tree, a folder of images (``labeled=False``) or a CSV."""
+                  labeled: bool = True, *, check: bool = True) -> DatasetIndex:
+    """Index a class-per-folder tree, a folder of images (``labeled=False``) or a CSV.
+
+    Files without an image extension and hidden files are not part of the dataset (as in
+    torchvision's ImageFolder): they are counted and logged once. Problems of single entries
+    (an empty class folder, an empty or unknown label) end in one DataError listing all of them,
+    or with ``check=False`` stay in ``index.problems`` for `validate_images` to report together
+    with the bad images. A dataset that cannot be indexed at all raises at once.
+    """
     src = Path(source)
     if not str(source):
         raise DataError("data: no dataset given (set data=PATH)")
     if not src.exists():
         raise DataError(f"data: {source} does not exist")
     if src.is_file():
-        return _index_csv(src, classes, labeled)
-    if labeled:
-        return _index_class_folders(src, classes)
-    return _index_flat_folder(src)
+        index = _index_csv(src, classes, labeled)
+    elif labeled:
+        index = _index_class_folders(src, classes)
+    else:
+        index = _index_flat_folder(src)
+    _log_ignored(index)
+    if check and index.problems:
+        raise problems_error(index.problems, report_path(index.root))
+    return index
 
 
-def list_files(folder: str | os.PathLike) -> list[str]:
-    """Every non-hidden file under ``folder``; hidden folders (.ipynb_checkpoints, ...) are skipped.
+def list_files(folder: str | os.PathLike, hidden: list[str] | None = None) -> list[str]:
+    """Every non-hidden file under ``folder``; hidden folders (.ipynb_checkpoints, ...) are skipped
+    (and their paths appended to ``hidden`` when given).
 
     Ordered as ``sorted(Path.rglob(...))`` orders them (by path components), so ids, folds and
     fingerprints do not depend on how the folder was listed. ``os.scandir`` gives file types
@@ -93,11 +127,14 @@ def list_files(folder: str | os.PathLike) -> list[str]:
     """
     found: list[str] = []
     with os.scandir(folder) as it:
-        entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = sorted(it, key=lambda e: e.name)
     for e in entries:
-        if e.is_dir():
+        if e.name.startswith("."):
+            if hidden is not None:
+                hidden.append(e.path)
+        elif e.is_dir():
             if not e.is_symlink():
-                found += list_files(e.path)
+                found += list_files(e.path, hidden)
         else:
             found.append(e.path)
     return found
@@ -113,48 +150,65 @@ def _relative_ids(paths: Sequence[str], root: Path) -> list[str]:
     return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
 
 
+def _split_images(files: Sequence[str], ignored: list[str]) -> list[str]:
+    """The image files of ``files``; the others go to ``ignored``."""
+    images = []
+    for p in files:
+        (images if _is_image_name(p) else ignored).append(p)
+    return images
+
+
 def _index_class_folders(root: Path, classes: Sequence[str] | None) -> DatasetIndex:
     with os.scandir(root) as entries:
         class_dirs = sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
         raise DataError(f"data: {root} has no class sub-folders (expected {root}/<class>/*.png)")
-    names = _check_classes([d.name for d in class_dirs], classes, str(root))
+    names = _class_names([d.name for d in class_dirs], classes, str(root))
     label_of = {name: k for k, name in enumerate(names)}
     paths: list[str] = []
     labels: list[int] = []
-    bad: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    problems: list[Problem] = []
     for d in class_dirs:
-        files = list_files(d)
-        is_image = [_is_image_name(p) for p in files]
-        images = [p for p, ok in zip(files, is_image) if ok]
-        bad += [(p, "not an image file (extension)") for p, ok in zip(files, is_image) if not ok]
+        if d.name not in label_of:
+            problems.append((UNKNOWN_LABEL, str(d), f"class folder not among the classes {', '.join(names)}"))
+            continue
+        images = _split_images(list_files(d, hidden=ignored), ignored)
         if not images:
-            raise DataError(f"data: class folder {d} holds no images")
+            problems.append((EMPTY_CLASS, str(d), "holds no images"))
         paths += images
         labels += [label_of[d.name]] * len(images)
-    index = DatasetIndex(paths, np.asarray(labels, dtype=np.int64), names, _relative_ids(paths, root), str(root))
-    index.skipped = bad
-    return index
+    return DatasetIndex(paths, np.asarray(labels, dtype=np.int64), names, _relative_ids(paths, root), str(root),
+                        ignored=ignored, problems=problems)
 
 
 def _index_flat_folder(root: Path) -> DatasetIndex:
-    paths = [p for p in list_files(root) if _is_image_name(p)]
+    ignored: list[str] = []
+    paths = _split_images(list_files(root, hidden=ignored), ignored)
     if not paths:
         raise DataError(f"data: {root} holds no images")
-    return DatasetIndex(paths, np.full(len(paths), -1, dtype=np.int64), [], _relative_ids(paths, root), str(root))
+    return DatasetIndex(paths, np.full(len(paths), -1, dtype=np.int64), [], _relative_ids(paths, root), str(root),
+                        ignored=ignored)
 
 
-def _check_classes(found: Sequence[str], classes: Sequence[str] | None, where: str) -> list[str]:
+def _class_names(found: Sequence[str], classes: Sequence[str] | None, where: str) -> list[str]:
+    """The given ``classes``, or the sorted names found (at least two)."""
+    if classes is not None:
+        return list(classes)
     names = sorted(set(found))
-    if classes is None:
-        if len(names) < 2:
-            raise DataError(f"data: {where} has a single class ({names[0]!r}); need at least two")
-        return names
-    unknown = sorted(set(found) - set(classes))
-    if unknown:
-        raise DataError(f"data: unknown label(s) in {where}: {', '.join(map(str, unknown[:5]))} "
-                        f"(model classes: {', '.join(classes)})")
-    return list(classes)
+    if len(names) < 2:
+        what = f"a single class ({names[0]!r})" if names else "no labelled samples"
+        raise DataError(f"data: {where} has {what}; need at least two classes")
+    return names
+
+
+def _log_ignored(index: DatasetIndex) -> None:
+    if not index.ignored:
+        return
+    shown = ", ".join(_relative_ids(index.ignored[:SHOWN], Path(index.root)))
+    more = f" and {len(index.ignored) - SHOWN} more" if len(index.ignored) > SHOWN else ""
+    log.info("ignored %d file(s) that are not images (no image extension) or hidden: %s%s",
+             len(index.ignored), shown, more)
 
 
 def _index_csv(csv_path: Path, classes: Sequence[str] | None, labeled: bool) -> DatasetIndex:
@@ -174,13 +228,21 @@ def _index_csv(csv_path: Path, classes: Sequence[str] | None, labeled: bool) -> 
     ids = list(df["ID"]) if "ID" in df.columns else list(df["img_path"])
     if not labeled:
         return DatasetIndex(paths, np.full(len(paths), -1, dtype=np.int64), list(classes or []), ids, str(base))
-    empty = df.index[df["label"].str.strip() == ""]
-    if len(empty):
-        raise DataError(f"data: CSV {csv_path} row {empty[0] + 2} has an empty label")
-    names = _check_classes(list(df["label"]), classes, str(csv_path))
+    given = [x.strip() for x in df["label"]]
+    names = _class_names([x for x in given if x], classes, str(csv_path))
     label_of = {name: k for k, name in enumerate(names)}
-    labels = np.asarray([label_of[x] for x in df["label"]], dtype=np.int64)
-    return DatasetIndex(paths, labels, names, ids, str(base))
+    problems: list[Problem] = []
+    for row, x in enumerate(given):
+        where = f"{csv_path} row {row + 2}"  # the header is line 1
+        if not x:
+            problems.append((EMPTY_LABEL, where, "empty label"))
+        elif x not in label_of:
+            problems.append((UNKNOWN_LABEL, where, f"label {x!r} is not one of the classes {', '.join(names)}"))
+    keep = np.asarray([x in label_of for x in given], dtype=bool)
+    labels = np.asarray([label_of.get(x, -1) for x in given], dtype=np.int64)
+    index = DatasetIndex(paths, labels, names, ids, str(base)).subset(keep)
+    index.problems = problems
+    return index
 
 
 # ---------------------------------------------------------------------------- decoding
@@ -424,35 +486,74 @@ def content_fingerprint(index: DatasetIndex) -> str:
 
 def validate_images(index: DatasetIndex, *, skip_bad: bool, cache_dir: Path | None = None,
                     workers: int = 8, progress: Callable[[int], None] | None = None,
-                    cache_size: int = 0) -> DatasetIndex:
+                    cache_size: int = 0, min_per_class: int = 1, report: Path | None = None) -> DatasetIndex:
     """Decode every image once (in threads; cached by fingerprint) and drop or reject bad ones.
+
+    Every problem is reported in one go: those indexing left in ``index.problems``, the bad
+    images (unless ``skip_bad``) and the classes left with fewer than ``min_per_class`` usable
+    images. They are written to ``report`` (a TSV file; default: one in the temp folder) and the
+    DataError names it with the counts by kind.
 
     With ``cache_size`` (and a ``cache_dir``) the same decode pass also fills the decoded-image
     cache at that resolution (`rockcls.cache`), so a first run decodes each file once, not twice.
     A second run on unchanged files decodes nothing.
     """
     reasons = _cached_check(index.paths, cache_dir, workers, progress, cache_size)
-    bad = [(p, r) for p, r in zip(index.paths, reasons) if r] + list(index.skipped)
-    if bad and not skip_bad:
-        listing = "; ".join(f"{p}: {r}" for p, r in bad[:5])
-        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise DataError(f"data: {len(bad)} bad image(s): {listing}{more}. "
-                        f"Fix or remove them, or pass skip_bad_images=true")
-    if bad:
-        warnings.warn(f"skipping {len(bad)} bad image(s), first: {bad[0][0]} ({bad[0][1]})", stacklevel=2)
+    bad = [(p, r) for p, r in zip(index.paths, reasons) if r]
     kept = index.subset(np.asarray([not r for r in reasons], dtype=bool))
-    kept.skipped = bad
-    _check_nonempty_classes(kept)
+    kept.skipped, kept.problems = bad, []
+    problems = list(index.problems) + ([] if skip_bad else [(BAD_IMAGE, p, r) for p, r in bad])
+    empty = {Path(where).name for kind, where, _ in index.problems if kind == EMPTY_CLASS}  # reported already
+    problems += _class_size_problems(kept, min_per_class, skip=empty)
+    report = report or report_path(index.root)
+    if problems:
+        raise problems_error(problems, report)
+    report.unlink(missing_ok=True)  # a list from an earlier run would describe data that is fixed now
+    if bad:
+        log.warning("skipping %d bad image(s), first: %s (%s); the run lists them in skipped_images.tsv",
+                    len(bad), bad[0][0], bad[0][1])
     return kept
 
 
-def _check_nonempty_classes(index: DatasetIndex) -> None:
+def _class_size_problems(index: DatasetIndex, min_per_class: int, skip: set[str]) -> list[Problem]:
     if (index.labels < 0).all():
-        return
-    counts = np.bincount(index.labels, minlength=len(index.classes))
-    for name, n in zip(index.classes, counts):
-        if n == 0:
-            raise DataError(f"data: class {name!r} has no usable images")
+        return []
+    counts = np.bincount(index.labels[index.labels >= 0], minlength=len(index.classes))
+    return [(FEW_IMAGES, f"class {name!r}", "has no usable images" if n == 0 else
+             f"has {n} usable image(s), the split needs {min_per_class}")
+            for name, n in zip(index.classes, counts) if n < min_per_class and name not in skip]
+
+
+def report_path(root: str) -> Path:
+    """Where the problems of the dataset at ``root`` are listed when the caller names no file."""
+    digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"rockcls-data-problems-{digest}.tsv"
+
+
+def write_problems(problems: Sequence[Problem], path: Path) -> None:
+    def clean(text: str) -> str:
+        return " ".join(str(text).split())  # one row per problem, whatever the file names hold
+
+    rows = "".join(f"{clean(k)}\t{clean(w)}\t{clean(d)}\n" for k, w, d in problems)
+    write_atomic(path, f"kind\twhere\tdetail\n{rows}".encode())
+
+
+def problems_error(problems: Sequence[Problem], report: Path) -> DataError:
+    """One line: the counts by kind, the first few problems and the file that lists them all."""
+    report = Path(report).absolute()
+    try:
+        write_problems(problems, report)
+        listed = f"all {len(problems)} listed in {report}"
+    except OSError as exc:
+        listed = f"the full list could not be written to {report} ({exc.strerror or exc})"
+    counts: dict[str, int] = {}
+    for kind, _, _ in problems:
+        counts[kind] = counts.get(kind, 0) + 1
+    summary = ", ".join(f"{n} {kind if n == 1 else PLURALS.get(kind, kind)}" for kind, n in counts.items())
+    first = "; ".join(f"{where}: {detail}" for _, where, detail in problems[:SHOWN])
+    hint = (". Fix or remove the bad images, or pass skip_bad_images=true to leave them out"
+            if BAD_IMAGE in counts else "")
+    return DataError(f"data: {summary}; first: {first}; {listed}{hint}")
 
 
 def _cached_check(paths: Sequence[str], cache_dir: Path | None, workers: int,

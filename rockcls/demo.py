@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rockcls import tracking
 from rockcls.config import TrainConfig, build_config
 from rockcls.synthetic import TEXTURES, make_dataset
 from rockcls.train import run_training
@@ -20,7 +21,8 @@ COUNTS = [150, 90, 60, 36, 24]  # imbalanced, like the contest's 7 rock types
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rockcls demo", description=__doc__)
     p.add_argument("--out", default="demo_data", help="where the synthetic dataset is written")
-    p.add_argument("--experiment", default="rockcls-demo")
+    p.add_argument("--experiment", default="", help="MLflow experiment of every demo run; empty = the one "
+                   "`mlflow run` or MLFLOW_EXPERIMENT_NAME chose, else rockcls-demo")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--register", default="rockcls-demo", help="registered model name of the demo ensemble")
@@ -48,12 +50,18 @@ def demo_config(train: Path, backbone: str, args: argparse.Namespace) -> TrainCo
         "num_workers": 0, "device": "cpu", "experiment": args.experiment})
 
 
-def predict_and_score(run_id: str, test_csv: Path, out: Path) -> float:
+def demo_experiment(requested: str) -> str:
+    """The one experiment every demo run goes to."""
+    chosen = tracking.chosen_experiment()
+    return requested or (tracking.experiment_name(chosen[0]) if chosen else "rockcls-demo")
+
+
+def predict_and_score(run_id: str, test_csv: Path, out: Path, experiment: str) -> float:
     """Predict the demo's test.csv with d4 TTA and score it against the known truth."""
     from rockcls import predict
 
     predict.main(["--model", f"runs:/{run_id}", "--data", str(test_csv), "--out", str(out), "--tta", "d4",
-                  "--num-workers", "0", "--device", "cpu", "--label-column", "label"])
+                  "--num-workers", "0", "--device", "cpu", "--label-column", "label", "--experiment", experiment])
     truth = pd.read_csv(test_csv.with_name("test_truth.csv"))
     pred = pd.read_csv(out)
     return float((pred["label"] == truth["label"]).mean())
@@ -89,11 +97,12 @@ def search(train: Path, experiment: str, name: str, trials: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.experiment = demo_experiment(args.experiment)
     out = Path(args.out)
     train, test_csv = make_demo_data(out)
     log.info("synthetic data: %s (%d images in %d classes), %s", train, sum(COUNTS), len(COUNTS), test_csv)
     results = [run_training(demo_config(train, b, args)) for b in ("test_efficientnet", "test_vit")]
-    accuracy = predict_and_score(results[0].run_id, test_csv, out / "submission.csv")
+    accuracy = predict_and_score(results[0].run_id, test_csv, out / "submission.csv", args.experiment)
     ensemble_and_register([r.run_id for r in results], args.experiment, args.register)
     print(load_registered(args.register, test_csv).to_string())
     study = search(train, args.experiment, f"{args.register}-search", args.trials) if args.trials else ""
@@ -104,5 +113,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  registered model: models:/{args.register}@champion")
     if study:
         print("  " + study.replace("\n", "\n  "))
-    print(f"\nbrowse the runs: mlflow ui   (experiment {args.experiment!r}, store ./mlflow.db)")
+    print(f"\nbrowse the runs: {tracking.browse_hint()}   (experiment {args.experiment!r})")
     return 0 if all(np.isfinite(r.cv_macro_f1) for r in results) else 1

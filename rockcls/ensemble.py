@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from rockcls import tracking
-from rockcls.config import _opt, add_config_arguments, config_from_args
+from rockcls.config import EXPERIMENT_DEFAULT, _opt, add_config_arguments, command_flags, config_from_args
 from rockcls.errors import ConfigError, RockclsError
 from rockcls.metrics import confusion_figure, macro_f1, per_class_f1, softmax
 from rockcls.predict import TTA_VIEWS, check_train_run
@@ -118,7 +120,8 @@ def top_runs(experiment: str, k: int, *, kind: str = "train", parent_run_id: str
     runs = [r for r in tracking.search_runs(experiment, filt, order_by=["metrics.cv_macro_f1 DESC"])
             if "cv_macro_f1" in r.data.metrics]
     if not runs:
-        raise RockclsError(f"experiment {experiment!r} has no completed {kind} run with cv_macro_f1")
+        name = tracking.experiment_name(tracking.experiment_id(experiment, create=False))  # "" names no one
+        raise RockclsError(f"experiment {name!r} has no completed {kind} run with cv_macro_f1")
     if same_split:
         split = runs[0].data.tags.get("rockcls.split_fingerprint")
         other = [r.info.run_id for r in runs if r.data.tags.get("rockcls.split_fingerprint") != split]
@@ -266,6 +269,25 @@ class EnsembleFit:
     def best_member_score(self) -> float:
         return max(self.member_scores.values())
 
+    @property
+    def name(self) -> str:
+        """``ensemble-<K>-<hash of members, weights and bias>``: two different ensembles never share it."""
+        rule = {"runs": self.run_ids, "weights": [round(float(w), 6) for w in self.weights],
+                "bias": [round(float(b), 6) for b in self.bias]}
+        return f"ensemble-{len(self.run_ids)}-{hashlib.sha1(json.dumps(rule).encode()).hexdigest()[:6]}"
+
+    def describe(self, command: str) -> str:
+        """Markdown: the members and weights, the rule, the honest score, and how to repeat it."""
+        rows = "\n".join(f"| {n} | `{r}` | {w:.3f} | {self.member_scores[r]:.4f} |"
+                         for n, r, w in zip(self.names, self.run_ids, self.weights))
+        # The score comes first: the run page shows the first lines of a description until "Show more".
+        return (f"**Ensemble** of {len(self.run_ids)} train runs, weighted soft voting; rule chosen by honest score: "
+                f"**{self.strategy}**.\n\n"
+                f"**Honest macro-F1 {self.crossfit_score:.4f}** (cross-fitted over {self.num_groups} groups); best "
+                f"member {self.best_member_score:.4f}, equal weights {self.equal_weight_score:.4f}, fitted in-sample "
+                f"{self.insample_score:.4f} (optimistic).\n\n| member | run | weight | OOF macro-F1 |\n|---|---|---|---|\n"
+                f"{rows}\n\nRepeat it:\n\n```\n{command}\n```")
+
     def score_table(self) -> pd.DataFrame:
         rows = [{"model": f"member {n}", "run_id": r, "weight": float(w), "macro_f1": self.member_scores[r],
                  "estimate": "OOF"} for n, r, w in zip(self.names, self.run_ids, self.weights)]
@@ -363,16 +385,20 @@ def fit_ensemble(members: Sequence[Member], *, bias: bool = True, seed: int = 0)
 # ---------------------------------------------------------------------------- tracking
 
 def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-    """An open run tagged ``rockcls.kind=ensemble`` with weights, bias, scores and the confusion matrix.
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None, command: str = "") -> str:
+    """An open run tagged ``rockcls.kind=ensemble`` with weights, bias, scores and the confusion matrix;
+    ``command`` (default: ``rockcls ensemble --runs ...``) repeats it in the run's description.
 
     The caller ends it (after registering the model, if asked).
     """
-    run_id = tracking.start_run(experiment=experiment, name=f"ensemble-{len(fit.run_ids)}", kind="ensemble",
+    run_id = tracking.start_run(experiment=experiment, name=fit.name, kind="ensemble",
                                 parent_run_id=parent_run_id, adopt_env_run=parent_run_id is None,
                                 tags={"rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy,
                                       **fit.split, **(tags or {})})
     try:
+        default = f"python -m rockcls ensemble --runs {','.join(fit.run_ids)}"
+        tracking.set_description(run_id, fit.describe(command or default))
+        tracking.copy_dataset_inputs(fit.run_ids[0], run_id, context="evaluation")  # the members' OOF rows
         tracking.log_params(run_id, {"members": ",".join(fit.run_ids), "num_members": len(fit.run_ids),
                                      **(params or {})})
         tracking.log_metrics(run_id, {
@@ -400,7 +426,8 @@ class EnsembleConfig:
     """Parameters of `rockcls ensemble` (the MLproject `ensemble` entry point)."""
 
     runs: str = _opt("", "comma-separated train run ids; empty = the top runs of the experiment")
-    experiment: str = _opt("rockcls", "experiment searched for top runs and where the ensemble run is logged")
+    experiment: str = _opt("", f"experiment searched for top runs and where the ensemble run is logged; "
+                               f"{EXPERIMENT_DEFAULT}")
     top: int = _opt(3, "how many top runs by cv_macro_f1 when runs is empty", min=1)
     bias: bool = _opt(True, "also search a per-class logit bias")
     register: str = _opt("", "registered model name; empty = do not register")
@@ -424,9 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     fit = fit_ensemble(members, bias=cfg.bias, seed=cfg.seed)
     if cfg.tta == "auto":
         cfg = dataclasses.replace(cfg, tta=members_tta(members))
+    repeat = dataclasses.replace(cfg, runs=",".join(run_ids))
     run_id = log_ensemble(fit, experiment=cfg.experiment,
                           params={"bias": cfg.bias, "seed": cfg.seed, "tta": cfg.tta, "top": cfg.top,
-                                  "register": cfg.register, "force": cfg.force})
+                                  "register": cfg.register, "force": cfg.force},
+                          command=" ".join(["python -m rockcls ensemble", *command_flags(repeat, skip=("top",))]))
     try:
         print(fit.score_table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if cfg.register:

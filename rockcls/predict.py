@@ -26,13 +26,13 @@ import torch
 
 from rockcls import tracking
 from rockcls.checkpoint import load_checkpoint
-from rockcls.config import _opt, add_config_arguments, config_from_args
-from rockcls.data import MIN_SIDE, FileSource, index_dataset
+from rockcls.config import EXPERIMENT_DEFAULT, _opt, add_config_arguments, command_flags, config_from_args
+from rockcls.data import MIN_SIDE, DatasetIndex, FileSource, content_fingerprint, index_dataset
 from rockcls.engine import StepSettings, autocast, prepare_batch
 from rockcls.errors import ConfigError, DataError, RockclsError
 from rockcls.models import build_model_from_spec
 from rockcls.progress import track
-from rockcls.train import resolve_amp, resolve_device
+from rockcls.train import log_data_input, resolve_amp, resolve_device
 from rockcls.transforms import TTA_VIEWS, build_eval_transform, dihedral, tta_views
 
 log = logging.getLogger("rockcls")
@@ -277,7 +277,7 @@ class PredictConfig:
     device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
     id_column: str = _opt("ID", "submission column holding the image id")
     label_column: str = _opt("rock_type", "submission column holding the predicted class")
-    experiment: str = _opt("rockcls", "MLflow experiment of the predict run")
+    experiment: str = _opt("", f"MLflow experiment of the predict run; {EXPERIMENT_DEFAULT}")
 
 
 def build_submission(ids: Sequence[str], pred: Prediction, *, id_column: str, label_column: str) -> pd.DataFrame:
@@ -301,11 +301,13 @@ def save_prediction(frame: pd.DataFrame, pred: Prediction, ids: Sequence[str], p
 
 
 def log_prediction(cfg: PredictConfig, pred: Prediction, predictor: Predictor, tta: str,
-                   files: Sequence[Path]) -> str:
+                   files: Sequence[Path], index: DatasetIndex) -> str:
     run_id = tracking.start_run(experiment=cfg.experiment, name="predict", kind="predict", adopt_env_run=True,
                                 tags={"rockcls.model": cfg.model})
     bad = [(i, e) for i, e in enumerate(pred.errors) if e]
     try:
+        tracking.set_description(run_id, describe_prediction(cfg, predictor, tta, len(pred.errors), len(bad)))
+        log_data_input(run_id, index, cfg.data, content_fingerprint(index), context="inference")
         tracking.log_params(run_id, {**vars(cfg), "resolved_tta": tta, "num_models": len(predictor.models),
                                      "model_source": predictor.source})
         tracking.log_metrics(run_id, {"num_images": len(pred.errors), "num_errors": len(bad)})
@@ -318,6 +320,13 @@ def log_prediction(cfg: PredictConfig, pred: Prediction, predictor: Predictor, t
         raise
     tracking.end_run(run_id, "FINISHED")
     return run_id
+
+
+def describe_prediction(cfg: PredictConfig, predictor: Predictor, tta: str, n: int, unreadable: int) -> str:
+    command = " ".join(["python -m rockcls predict", *command_flags(cfg)])
+    return (f"**Predictions** of `{cfg.data}` ({n} images, {unreadable} unreadable) with `{cfg.model}` "
+            f"({len(predictor.models)} model(s) from {predictor.source}), TTA {tta}, written to `{cfg.out}` "
+            f"(artifacts: the submission and its logits).\n\nRepeat it:\n\n```\n{command}\n```")
 
 
 def warn_errors(pred: Prediction, paths: Sequence[str]) -> None:
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = build_submission(index.ids, pred, id_column=cfg.id_column, label_column=cfg.label_column)
     out = Path(cfg.out)
     npz = save_prediction(frame, pred, index.ids, index.paths, out, tta)
-    run_id = log_prediction(cfg, pred, predictor, tta, [out, npz])
+    run_id = log_prediction(cfg, pred, predictor, tta, [out, npz], index)
     print(f"predict run {run_id}: {len(frame)} row(s), {int((~pred.ok).sum())} unreadable, tta {tta} -> {out}")
     return 0
 

@@ -56,6 +56,14 @@ from rockcls.registry import RockclsModel
 
 set_model(RockclsModel())
 '''
+# One line per paragraph or item: the MLflow UI renders a single newline as a line break.
+MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting ensemble of k-fold train runs (every fold checkpoint of every member with a weight), made by `rockcls ensemble --register` or an Optuna study.
+
+* Load: `mlflow.pyfunc.load_model("models:/{name}@champion")`, or serve it with `mlflow models serve -m models:/{name}@champion`.
+* Input: a DataFrame with `img_path` (paths readable where the model runs) and/or `image_b64`.
+* Output: `label`, one `prob_<class>` column per class, and `error` for images that could not be read.
+* `@champion` moves only to a version with a higher honest (cross-fitted) macro-F1, tag `rockcls.macro_f1`.
+"""
 
 
 # ---------------------------------------------------------------------------- what a client may send
@@ -311,9 +319,21 @@ def pack_ensemble(fit: EnsembleFit, tta: str, workdir: Path) -> tuple[dict[str, 
     return manifest, artifacts
 
 
-def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "model"):
-    """Log the pyfunc model under ``run_id``; returns MLflow's ModelInfo."""
+def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = ""):
+    """Log the pyfunc model as an output of ``run_id``, in that run's experiment, named ``name``
+    (default: the ensemble's name); returns MLflow's ModelInfo.
+
+    The logged model is created first in the run's experiment: without an active run MLflow would
+    file it under the active experiment (Default), away from the run that made it.
+    """
     tta_views(tta)
+    run = tracking.get_run(run_id)
+    model = mlflow.initialize_logged_model(
+        name=name or fit.name, source_run_id=run_id, experiment_id=run.info.experiment_id,
+        model_type="rockcls-ensemble", params=dict(run.data.params),
+        # context tags first: the Models tab's "Logged from" names the command, not __main__.py
+        tags={**tracking.context_tags(), "rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy,
+              "rockcls.tta": tta})
     with tempfile.TemporaryDirectory(prefix="rockcls-model-") as tmp:
         work = Path(tmp)
         _, artifacts = pack_ensemble(fit, tta, work)
@@ -322,7 +342,8 @@ def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "
         model_file = work / "rockcls_model.py"
         model_file.write_text(MODEL_CODE)
         return mlflow.models.Model.log(
-            name=name, artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, python_model=str(model_file),
+            name=model.name, artifact_path=None, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
+            python_model=str(model_file),
             artifacts=artifacts, code_paths=[str(code)], signature=build_signature(list(fit.classes), tta),
             input_example=build_input_example(), pip_requirements=pip_requirements(), model_config=dict(MODEL_CONFIG))
 
@@ -356,8 +377,25 @@ def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "n
     tracking.set_tags(run_id, {MODEL_URI_TAG: info.model_uri, "rockcls.registered_model": name,
                                "rockcls.model_version": str(version), "rockcls.champion": str(moved).lower()})
     reg = Registration(name, str(version), f"models:/{name}/{version}", fit.score, moved, reason)
+    describe_registration(fit, reg, run_id=run_id, tta=tta)
     log.info("%s", reg.summary())
     return reg
+
+
+def describe_registration(fit: EnsembleFit, reg: Registration, *, run_id: str, tta: str) -> None:
+    """Descriptions of the version, of the registered model (when it has none) and a line on the run."""
+    client = MlflowClient()
+    state = "@champion" if reg.champion else "not champion"
+    # Score and alias first: the versions table previews only the start of a description.
+    client.update_model_version(reg.name, reg.version, description=(
+        f"**Honest macro-F1 {fit.score:.4f}** (cross-fitted), {state}: {reg.reason}. Ensemble `{fit.name}` of "
+        f"{len(fit.run_ids)} train runs ({', '.join(fit.names)}), rule **{fit.strategy}**, TTA {tta}; best member "
+        f"{fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}. Made by ensemble run `{run_id}`."))
+    if not client.get_registered_model(reg.name).description:
+        client.update_registered_model(reg.name, description=MODEL_NOTE.format(name=reg.name))
+    note = tracking.get_run(run_id).data.tags.get(tracking.NOTE, "")
+    tracking.set_description(run_id, f"{note}\n\nLogged as model `{fit.name}` (this experiment's Models tab) and "
+                                     f"registered as `{reg.name}` version {reg.version}: {state} ({reg.reason}).")
 
 
 def champion_score(name: str) -> tuple[str | None, float | None]:

@@ -39,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rockcls import secrets, tracking
 from rockcls import train as training
 from rockcls.config import (TrainConfig, _field_map, _field_type, _opt, build_config, check_value,
-                            coerce_value, load_yaml)
+                            coerce_value, command_flags, load_yaml)
 from rockcls.errors import ConfigError, RockclsError
 
 log = logging.getLogger("rockcls")
@@ -410,6 +410,7 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
                                  "direction": "maximize", "objective": "cv_macro_f1"})
     tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
     tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")
+    tracking.set_description(run_id, describe_study(plan))
     study.set_user_attr(ATTR_RUN, run_id)
     study.set_user_attr(ATTR_IDENTITY, identity)
     top_up_tickets(study, plan.tune.trials, baseline_params(space) if plan.tune.baseline else None)
@@ -417,6 +418,27 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
     return run_id
+
+
+def describe_study(plan: StudyPlan, outcome: "StudyOutcome | None" = None) -> str:
+    """Markdown for the study run: what is searched, the result so far and the command to resume it."""
+    base, space = plan.base, plan.space
+    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{base.backbone}` on "
+            f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
+            f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
+            f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")
+    tune = dataclasses.replace(plan.tune, storage=secrets.mask_url(plan.storage_url), study_name=plan.study_name)
+    train = dataclasses.replace(base, data=str(Path(base.data).resolve()))
+    flags = [*command_flags(tune), *command_flags(train, skip=("resume", "config"))]
+    command = " ".join(["python search/tune.py", *flags])
+    result = ""
+    if outcome is not None and outcome.best_trial is not None:
+        result = (f"\n\n**Best trial {outcome.best_trial}: macro-F1 {outcome.best_value:.4f}** "
+                  f"({', '.join(f'{k}={_fmt(v)}' for k, v in outcome.best_params.items())}); "
+                  f"{outcome.finished} of {plan.tune.trials} trials finished.")
+        if outcome.baseline_value is not None:
+            result += f" Baseline (train defaults): {outcome.baseline_value:.4f}."
+    return f"{what}{result}\n\nRe-run to resume or extend it (same study):\n\n```\n{command}\n```"
 
 
 def join_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any]) -> str:
@@ -618,6 +640,7 @@ class TrialRecorder:
         detail = f"value {trial.value:.4f}" if trial.state == TrialState.COMPLETE else (
             reason or f"after {len(trial.intermediate_values)} of {self.plan.steps} epochs")
         log.info("trial %d %s (%s), run %s", trial.number, trial.state.name, detail, run_id)
+        log_progress(study, self.study_run_id)
         if trial.state == TrialState.FAIL:
             queue_replacement(study, trial, self.plan.tune.retries)
 
@@ -632,6 +655,18 @@ class TrialRecorder:
         tracking.log_params(run_id, trial.params)
         tracking.end_run(run_id, "FAILED")
         return run_id
+
+
+def log_progress(study: optuna.Study, study_run_id: str) -> None:
+    """The study run's curves, one point per finished trial: the best value so far and the counts."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
+    step = sum(t.state in FINISHED for t in trials)
+    metrics = {"trials_complete": len(complete), "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+               "trials_failed": sum(t.state == TrialState.FAIL for t in trials)}
+    if complete:
+        metrics["best_macro_f1"] = max(complete)
+    tracking.log_metrics(study_run_id, metrics, step=step)
 
 
 def queue_replacement(study: optuna.Study, trial: FrozenTrial, retries: int) -> None:
@@ -841,6 +876,7 @@ def log_study_summary(study: optuna.Study, plan: StudyPlan, outcome: StudyOutcom
     tracking.set_tags(run_id, {"rockcls.best_trial": str(outcome.best_trial), "rockcls.best_run_id": outcome.best_run_id,
                                "rockcls.trials_finished": str(outcome.finished)})
     tracking.log_text(run_id, study.trials_dataframe().to_csv(index=False), "trials.csv")
+    tracking.set_description(run_id, describe_study(plan, outcome))
     log_study_plots(study, run_id)
 
 
@@ -886,7 +922,9 @@ def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOut
     run_id = ensemble.log_ensemble(fit, experiment=plan.base.experiment, parent_run_id=outcome.study_run_id,
                                    params={"top_k": plan.tune.top_k, "study": plan.study_name,
                                            "register": plan.tune.register, "tta": tta},
-                                   tags={"rockcls.study": plan.study_name})
+                                   tags={"rockcls.study": plan.study_name},
+                                   command=f"python -m rockcls ensemble --runs {','.join(run_ids)} "
+                                           f"--seed {plan.base.seed} --tta {tta}")
     try:
         if plan.tune.register:
             from rockcls.registry import register_ensemble
@@ -926,6 +964,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     plan = StudyPlan(base, tune, sorted(fixed), tune.study_name or default_study_name(identity), url)
     storage = build_storage(url, heartbeat=tune.heartbeat, retries=tune.retries)
     study_run_id = open_study(plan, storage, identity)
+    training.log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
     try:
         codes = launch_workers(plan, devices) if devices else [run_in_process(plan)]
     except KeyboardInterrupt:
@@ -968,6 +1007,7 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 def worker_main(argv: list[str] | None = None) -> int:
     args = build_worker_parser().parse_args(argv)
+    tracking.set_program("search/tune.py (worker)")
     plan = StudyPlan.from_json(Path(args.plan).read_text())
     run_worker(plan, args.worker, args.device or None)
     return 0

@@ -2,10 +2,17 @@
 
 Runs are addressed by id through ``MlflowClient`` (no global active-run stack), so a train
 run can nest under a study/trial run and several processes can log side by side.
+
+Every command finds its experiment by one rule (`experiment_id`): the one ``mlflow run`` chose
+(its ``--experiment-name``, else Default), else ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``,
+else the ``experiment`` option, else ``rockcls``. So train, ensemble, predict and tune runs of one
+workflow land in one experiment and find each other however they are started.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import tempfile
 import time
@@ -16,16 +23,30 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls import secrets  # noqa: E402
-from rockcls.errors import RockclsError  # noqa: E402
+from rockcls.errors import ConfigError, RockclsError  # noqa: E402
 
 KIND = "rockcls.kind"
 PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # the description of a run or experiment in the MLflow UI
+SOURCE_NAME = "mlflow.source.name"
+DEFAULT_EXPERIMENT = "rockcls"
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment
 MAX_PARAM_LEN = 6000
+# One line per item: the MLflow UI renders a single newline as a line break.
+EXPERIMENT_NOTE = """Runs of rockcls image classification, one kind per `rockcls.kind` tag:
+
+* **train**: k-fold training of one backbone (children: one **fold** run each); score `cv_macro_f1` (out-of-fold macro-F1). Repeat one with the command line in its description.
+* **ensemble**: weighted soft voting of train runs, scored honestly (`ensemble_macro_f1`, cross-fitted); its logged model is in this experiment's Models tab, registered versions in the registry.
+* **study** (children: **trial** runs, the study's **ensemble**): an Optuna search; `best_macro_f1` per finished trial.
+* **predict**: predictions of a folder or CSV with a train run or registered model.
+
+Sort by `metrics.cv_macro_f1` to rank train runs; `rockcls ensemble --top K` takes the best K.
+"""
 
 
 def client() -> MlflowClient:
@@ -44,34 +65,125 @@ def _retry(fn, *args, attempts: int = 6, **kwargs):
     return None
 
 
-def experiment_id(name: str) -> str:
-    """The id of experiment ``name`` (created if missing), or the one ``mlflow run`` chose."""
-    env = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if env and os.environ.get("MLFLOW_RUN_ID"):
-        return env
+def chosen_experiment() -> tuple[str, str] | None:
+    """(experiment id, what chose it) when the environment chose the experiment, else None.
+
+    ``mlflow run`` creates its run before rockcls starts and passes MLFLOW_RUN_ID with the
+    experiment's MLFLOW_EXPERIMENT_ID; users may set MLFLOW_EXPERIMENT_NAME or _ID themselves.
+    """
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if env_id and os.environ.get("MLFLOW_RUN_ID"):
+        return env_id, "`mlflow run`"
+    env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    if env_name:
+        return _id_by_name(env_name, create=True), "MLFLOW_EXPERIMENT_NAME"
+    if env_id:
+        return env_id, "MLFLOW_EXPERIMENT_ID"
+    return None
+
+
+def experiment_id(requested: str = "", *, create: bool = True) -> str:
+    """The experiment a command logs to and searches: the one the environment chose
+    (`chosen_experiment`), else ``requested``, else ``rockcls``.
+
+    A ``requested`` name other than the chosen experiment's could not take effect, so it is
+    refused rather than ignored.
+    """
+    chosen = chosen_experiment()
+    if chosen is None:
+        return _id_by_name(requested or DEFAULT_EXPERIMENT, create=create)
+    exp_id, chooser = chosen
+    exp = _experiment(exp_id)
+    if requested and requested != exp.name:
+        fix = (f"give `--experiment-name {requested}` to mlflow run instead" if chooser == "`mlflow run`"
+               else f"unset {chooser} or leave experiment empty")
+        raise ConfigError(f"experiment: {requested!r} cannot take effect: {chooser} chose experiment "
+                          f"{exp.name!r}; {fix}")
+    # `mlflow run --experiment-name` creates the experiment without a description; Default is
+    # everybody's catch-all, so it is left as it is.
+    if exp_id != DEFAULT_EXPERIMENT_ID and NOTE not in exp.tags:
+        _retry(client().set_experiment_tag, exp_id, NOTE, EXPERIMENT_NOTE)
+    return exp_id
+
+
+def _experiment(exp_id: str):
+    try:
+        return client().get_experiment(exp_id)
+    except MlflowException:
+        raise RockclsError(f"experiment id {exp_id} not found in the tracking store {shown_uri()}") from None
+
+
+def experiment_name(exp_id: str) -> str:
+    return _experiment(exp_id).name
+
+
+def _id_by_name(name: str, *, create: bool) -> str:
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if not create:
+        raise RockclsError(f"experiment {name!r} not found in {shown_uri()}")
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, tags={NOTE: EXPERIMENT_NOTE})
     except MlflowException:  # another worker created it first
         return c.get_experiment_by_name(name).experiment_id
 
 
 def start_run(*, experiment: str, name: str, kind: str, parent_run_id: str | None = None,
               tags: Mapping[str, str] | None = None, adopt_env_run: bool = False) -> str:
-    """Create a run (or adopt the one ``mlflow run`` made) and return its id."""
-    all_tags = {KIND: kind, **(tags or {})}
+    """Create a run (or adopt the one ``mlflow run`` made) named ``name`` and return its id.
+
+    A child run goes in its parent's experiment; any other in `experiment_id(experiment)`.
+    """
+    all_tags = {KIND: kind, "mlflow.runName": name, **(tags or {})}
+    exp_id = get_run(parent_run_id).info.experiment_id if parent_run_id else experiment_id(experiment)
     env_run = os.environ.get("MLFLOW_RUN_ID") if adopt_env_run else None
     if env_run:
         set_tags(env_run, all_tags)
         return env_run
     if parent_run_id:
         all_tags[PARENT] = parent_run_id
-    all_tags["mlflow.runName"] = name
-    exp_id = get_run(parent_run_id).info.experiment_id if parent_run_id else experiment_id(experiment)
-    return _retry(client().create_run, exp_id, tags=all_tags).info.run_id
+    # What mlflow.start_run would add (user, source, git commit): the Source and Created by columns.
+    return _retry(client().create_run, exp_id, tags={**context_tags(), **all_tags}).info.run_id
+
+
+_program: dict[str, str] = {}
+
+
+def set_program(name: str) -> None:
+    """Name the command (``rockcls train``) that the runs this process creates show as Source
+    ("" = MLflow's own guess, the script's file name)."""
+    if name:
+        _program["name"] = name
+    else:
+        _program.pop("name", None)
+
+
+@functools.lru_cache(maxsize=1)
+def _resolved_context_tags() -> dict[str, str]:
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return dict(resolve_tags())  # looks for a git repository: once per process
+
+
+def context_tags() -> dict[str, str]:
+    tags = _resolved_context_tags()
+    return {**tags, SOURCE_NAME: _program["name"]} if "name" in _program else dict(tags)
+
+
+def set_description(run_id: str, text: str) -> None:
+    """The run's description (markdown) on its page and in the runs table."""
+    set_tags(run_id, {NOTE: text})
+
+
+def log_dataset(run_id: str, *, name: str, digest: str, source: str, profile: Mapping[str, Any],
+                context: str) -> None:
+    """The dataset as a run input (the Dataset column and filter): a reference, not a copy."""
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                      profile=json.dumps(dict(profile)))
+    tags = [InputTag(key="mlflow.data.context", value=context)]
+    _retry(client().log_inputs, run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
 
 
 def get_run(run_id: str):
@@ -167,12 +279,19 @@ def child_runs(parent_run_id: str, kind: str | None = None) -> list:
     return client().search_runs([run.info.experiment_id], filter_string=filt, max_results=5000)
 
 
+def copy_dataset_inputs(src_run_id: str, dst_run_id: str, *, context: str) -> None:
+    """Log the datasets of one run as inputs of another (the same entries: same name and digest)."""
+    inputs = get_run(src_run_id).inputs
+    tags = [InputTag(key="mlflow.data.context", value=context)]
+    datasets = [DatasetInput(dataset=d.dataset, tags=tags) for d in (inputs.dataset_inputs if inputs else [])]
+    if datasets:
+        _retry(client().log_inputs, dst_run_id, datasets=datasets)
+
+
 def search_runs(experiment: str, filter_string: str = "", order_by: Iterable[str] | None = None,
                 max_results: int = 1000) -> list:
-    exp = client().get_experiment_by_name(experiment)
-    if exp is None:
-        raise RockclsError(f"experiment {experiment!r} not found in {shown_uri()}")
-    return client().search_runs([exp.experiment_id], filter_string=filter_string,
+    """Runs of `experiment_id(experiment)` (which must exist)."""
+    return client().search_runs([experiment_id(experiment, create=False)], filter_string=filter_string,
                                 order_by=list(order_by or []), max_results=max_results)
 
 
@@ -198,3 +317,15 @@ def gc_command(run_id: str) -> str:
     flag = "--tracking-uri" if uri.startswith(("http://", "https://")) else "--backend-store-uri"
     return f"mlflow gc {flag} {uri} --run-ids {run_id}"
 
+
+def run_location(run_id: str) -> str:
+    """``experiment 'NAME', tracking URI``: where a run can be found."""
+    return f"experiment {experiment_name(get_run(run_id).info.experiment_id)!r}, tracking {shown_uri()}"
+
+
+def browse_hint() -> str:
+    """How to open the tracking store in a browser."""
+    uri = shown_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"

@@ -7,6 +7,7 @@ killed run continues with ``resume=<parent run id>`` from the last completed epo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import yaml
 from rockcls import tracking
 from rockcls.cache import resolve_cache_dir, resolve_cache_size
 from rockcls.checkpoint import load_checkpoint, save_checkpoint, write_npz_atomic
-from rockcls.config import TrainConfig, build_config, default_cache_dir, save_yaml
+from rockcls.config import TrainConfig, build_config, command_flags, default_cache_dir, save_yaml
 from rockcls.data import (DatasetIndex, ImageDataset, content_fingerprint, index_dataset,
                           make_folds, open_source, split_fingerprint, validate_images)
 from rockcls.engine import StepSettings, cosine_with_warmup, evaluate, train_one_epoch
@@ -62,6 +63,7 @@ class Plan:
     folds_to_run: list[int]
     derived: dict[str, Any]
     source: Any = None
+    kind: str = "train"
 
 
 # ---------------------------------------------------------------------------- setup
@@ -89,12 +91,15 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def load_dataset(cfg: TrainConfig) -> DatasetIndex:
-    index = index_dataset(cfg.data)
+    """The validated dataset; every problem of the data is reported at once, listed in
+    ``<output_dir>/data_problems.tsv``."""
+    index = index_dataset(cfg.data, check=False)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     # With the cache on, validation's decode pass also fills it: each file is decoded once.
     cache_size = resolve_cache_size(cfg.img_size, cfg.cache_size) if cfg.cache else 0
     return validate_images(index, skip_bad=cfg.skip_bad_images, cache_dir=cache_dir,
-                           workers=max(4, cfg.num_workers * 2), cache_size=cache_size)
+                           workers=max(4, cfg.num_workers * 2), cache_size=cache_size,
+                           min_per_class=max(cfg.folds, 2), report=Path(cfg.output_dir) / "data_problems.tsv")
 
 
 def build_plan(cfg: TrainConfig) -> Plan:
@@ -114,6 +119,7 @@ def build_plan(cfg: TrainConfig) -> Plan:
         "num_images": len(index),
         "num_classes": len(index.classes),
         "num_skipped": len(index.skipped),
+        "num_ignored_files": len(index.ignored),
         "data_fingerprint": content_fingerprint(index),
         "split_fingerprint": split_fingerprint(index, fold_of),
         "device": str(device),
@@ -148,6 +154,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: st
     if cfg.resume:
         cfg = resumed_config(cfg)
     plan = build_plan(cfg)
+    plan.kind = kind
     run_id = open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags)
     try:
         plan.source = open_source(plan.index, cfg=cfg)
@@ -196,8 +203,35 @@ def open_train_run(plan: Plan, *, parent_run_id: str | None, kind: str, tags: di
     run_id = tracking.start_run(experiment=cfg.experiment, name=f"{kind}-{cfg.backbone}", kind=kind,
                                 parent_run_id=parent_run_id, tags=run_tags, adopt_env_run=parent_run_id is None)
     log_run_setup(plan, run_id)
-    log.info("run %s (experiment %s, tracking %s)", run_id, cfg.experiment, tracking.shown_uri())
+    log_data_input(run_id, plan.index, cfg.data, plan.derived["data_fingerprint"], context="training")
+    tracking.set_description(run_id, describe_train_run(plan, kind))
+    log.info("run %s (%s)", run_id, tracking.run_location(run_id))
     return run_id
+
+
+def log_data_input(run_id: str, index: DatasetIndex, data: str, fingerprint: str, *, context: str) -> None:
+    """The dataset as the run's input: named after its folder, the content fingerprint as digest."""
+    path = Path(data).resolve()
+    profile: dict[str, Any] = {"num_images": len(index), "num_classes": len(index.classes)}
+    if len(index) and (index.labels >= 0).all():
+        counts = np.bincount(index.labels, minlength=len(index.classes))
+        profile.update({f"images.{c}": int(n) for c, n in zip(index.classes, counts)})
+    name = "/".join(path.parts[-2:])  # "lithology/train": the folder alone is often just "train"
+    tracking.log_dataset(run_id, name=name, digest=fingerprint, source=str(path), profile=profile, context=context)
+
+
+def describe_train_run(plan: Plan, kind: str, score: float | None = None) -> str:
+    """What the run is, its headline score and the command that repeats it (the run's description)."""
+    cfg, index = plan.cfg, plan.index
+    split = f"{cfg.folds} folds" if cfg.folds > 1 else f"one {cfg.val_fraction:g} holdout"
+    what = (f"**{kind.capitalize()} run**: training of `{cfg.backbone}` on `{cfg.data}` ({len(index)} images, "
+            f"{len(index.classes)} classes), {split} x {cfg.epochs} epochs at {cfg.img_size} px.")
+    result = (f"**cv_macro_f1 {score:.4f}**: macro-F1 of the out-of-fold predictions of every fold."
+              if score is not None else "Running: cv_macro_f1 is logged when every fold has finished.")
+    repeat = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    command = " ".join(["python -m rockcls train", *command_flags(repeat, skip=("resume", "config"))])
+    return (f"{what}\n\n{result}\n\nRepeat it:\n\n```\n{command}\n```\n\n"
+            f"or `python -m rockcls train --config config.yaml` with this run's `config.yaml`.")
 
 
 def log_run_setup(plan: Plan, run_id: str) -> None:
@@ -243,6 +277,7 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
     tracking.log_figure(run_id, confusion_figure(labels, preds, classes, f"OOF macro-F1 {score:.4f}"),
                         "confusion_matrix.png")
     tracking.set_tags(run_id, {"rockcls.complete": "true"})
+    tracking.set_description(run_id, describe_train_run(plan, plan.kind, score))
     shutil.rmtree(run_dir(plan.cfg, run_id), ignore_errors=True)
     log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
     return TrainResult(run_id, score, pcf, classes, index.ids, index.labels, plan.fold_of, logits,
@@ -279,6 +314,7 @@ def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | No
     if fold_run is None:
         fold_run = tracking.start_run(experiment=plan.cfg.experiment, name=f"fold-{fold}", kind="fold",
                                       parent_run_id=parent_id, tags={"rockcls.fold": str(fold)})
+        log_data_input(fold_run, plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")
     else:
         tracking.reopen_run(fold_run)
     try:
@@ -306,7 +342,7 @@ class FoldTrainer:
     """Builds the fold's loaders, model and optimizer, and runs its epochs."""
 
     def __init__(self, plan: Plan, parent_id: str, fold: int, run_id: str):
-        self.plan, self.cfg, self.fold, self.run_id = plan, plan.cfg, fold, run_id
+        self.plan, self.cfg, self.fold, self.run_id, self.parent_id = plan, plan.cfg, fold, run_id, parent_id
         self.dir = run_dir(plan.cfg, parent_id) / f"fold_{fold}"
         self.train_rows = np.flatnonzero(plan.fold_of != fold)
         self.val_rows = np.flatnonzero(plan.fold_of == fold)
@@ -474,6 +510,10 @@ class FoldTrainer:
                                            "best_epoch": float(self.state.best_epoch),
                                            "kept_epoch": float(kept_epoch)})
         tracking.set_tags(self.run_id, {"rockcls.complete": "true"})
+        tracking.set_description(self.run_id, (
+            f"Fold {self.fold} of train run `{self.parent_id}`: trained on {len(self.train_rows)} images, validated "
+            f"on {len(self.val_rows)}. Kept epoch {kept_epoch} (select={self.cfg.select}): **OOF macro-F1 "
+            f"{score:.4f}** (tta {self.cfg.tta}); per-epoch curves in Model metrics."))
         log.info("fold %d: kept epoch %d, OOF macro-F1 %.4f (tta %s)", self.fold, kept_epoch, score, self.cfg.tta)
         result = {"rows": rows, "logits": ev["logits"], "score": score}
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -524,6 +564,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config_from_args(TrainConfig, build_parser().parse_args(argv))
     result = run_training(cfg)
-    print(f"train run {result.run_id}: cv_macro_f1 {result.cv_macro_f1:.4f}")
-    print(f"browse it with: mlflow ui --backend-store-uri {tracking.shown_uri()}")
+    print(f"train run {result.run_id}: cv_macro_f1 {result.cv_macro_f1:.4f} ({tracking.run_location(result.run_id)})")
+    print(f"browse it with: {tracking.browse_hint()}")
     return 0

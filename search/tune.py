@@ -12,6 +12,7 @@ import argparse
 import sys
 from dataclasses import fields
 
+from rockcls import tracking
 from rockcls.config import TrainConfig, add_config_arguments, config_from_args
 from rockcls.study import TuneConfig, build_search_config, run_study
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    tracking.set_program("search/tune.py")
     tune = config_from_args(TuneConfig, ns)
     base, fixed = build_search_config({f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
     outcome = run_study(base, tune, fixed)

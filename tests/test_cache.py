@@ -219,19 +219,18 @@ def test_dataloader_workers_read_the_same_batches_as_the_main_process(dataset, c
 
 # ---------------------------------------------------------------------------- one decode pass
 
-def test_validation_fills_the_cache_in_its_single_decode_pass(dataset, cache_dir, monkeypatch):
+def test_validation_fills_the_cache_in_its_single_decode_pass(dataset, cache_dir, monkeypatch, caplog):
     index = index_dataset(dataset)
     Path(index.paths[1]).write_bytes(b"")
     counter = DecodeCounter(monkeypatch)
-    with pytest.warns(UserWarning, match="skipping 1 bad image"):
-        valid = validate_images(index, skip_bad=True, cache_dir=cache_dir, workers=2, cache_size=32)
+    valid = validate_images(index, skip_bad=True, cache_dir=cache_dir, workers=2, cache_size=32)
+    assert "skipping 1 bad image" in caplog.text
     assert counter.calls == len(index)  # every file decoded exactly once
     assert [Path(p).name for p, _ in valid.skipped] == ["0001.png"]
     forbid_decoding(monkeypatch)
     source = open_source(valid, cache_dir=cache_dir, cache_size=32)
     assert len(source) == len(valid)
-    with pytest.warns(UserWarning):  # the next run: verdicts and pixels both cached
-        again = validate_images(index_dataset(dataset), skip_bad=True, cache_dir=cache_dir, cache_size=32)
+    again = validate_images(index_dataset(dataset), skip_bad=True, cache_dir=cache_dir, cache_size=32)  # all cached
     assert again.paths == valid.paths
 
 
@@ -297,12 +296,14 @@ def test_prepare_builds_then_reports_up_to_date(dataset, cache_dir, capsys):
     assert "already up to date" in capsys.readouterr().out
 
 
-def test_prepare_skip_bad_images_as_a_bare_flag_and_underscore_names(dataset, cache_dir, capsys):
+def test_prepare_skip_bad_images_as_a_bare_flag_and_underscore_names(dataset, cache_dir, capsys, caplog):
     (dataset / "synthetic_grainy" / "bad.png").write_bytes(b"nope")
     argv = ["--data", str(dataset), "--cache_size", "24", "--cache_dir", str(cache_dir), "--skip-bad-images"]
-    with pytest.warns(UserWarning, match="bad.png"):
-        assert cache_mod.main(argv) == 0
+    assert cache_mod.main(argv) == 0
+    assert "bad.png" in caplog.text
     assert "9 images cached at 24 px (1 skipped)" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"1 bad image"):
+        cache_mod.main([*argv, "--no-skip-bad-images"])  # the last of the two switches wins
 
 
 def test_prepare_bad_input_ends_as_one_line_errors(tmp_path, capsys):

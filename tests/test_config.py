@@ -89,9 +89,15 @@ def test_mlproject_train_defaults_match_the_config():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
     cfg = build_config(TrainConfig, {k: v["default"] for k, v in spec["parameters"].items()})
     assert cfg == TrainConfig()
-    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)}
+    # `experiment` comes from `mlflow run --experiment-name`: a parameter for it could not take effect
+    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)} - {"experiment"}
     for name in spec["parameters"]:
         assert f"{{{name}}}" in spec["command"]
+
+
+def test_no_mlproject_entry_point_takes_an_experiment_parameter():
+    for name, spec in yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items():
+        assert "experiment" not in spec["parameters"] and "--experiment" not in spec["command"], name
 
 
 def test_conda_env_lists_the_package_dependencies():
@@ -106,3 +112,52 @@ def test_cli_bad_value_is_one_line_without_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "rockcls: error: lr: expected a number, got 'abc'"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--skip-bad-images"], True),
+    (["--skip-bad-images", "--img-size", "64"], True),
+    (["--no-skip-bad-images"], False),
+    (["--no_skip_bad_images"], False),
+    (["--skip-bad-images", "false"], False),  # the form MLproject commands pass
+    (["--skip_bad_images", "yes"], True),
+    ([], False),
+])
+def test_boolean_options_are_switches_that_still_take_values(argv, expected):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    assert config_from_args(TrainConfig, parser.parse_args(argv)).skip_bad_images is expected
+
+
+def test_boolean_switch_with_a_bad_value_names_the_parameter():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    with pytest.raises(ConfigError, match="cache: expected true/false, got 'maybe'"):
+        config_from_args(TrainConfig, parser.parse_args(["--cache", "maybe"]))
+
+
+def test_train_command_line_accepts_switches():
+    proc = subprocess.run([sys.executable, "-m", "rockcls", "train", "--skip-bad-images", "--no-pretrained",
+                           "--data", "no/such/folder"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "rockcls: error: data: no/such/folder does not exist"  # parsed, then checked
+
+
+WARN = """
+import warnings
+from rockcls.progress import setup_logging
+setup_logging()
+warnings.warn("careful", UserWarning)
+warnings.warn_explicit("deprecated thing", FutureWarning, "/venv/lib/python3.11/site-packages/somelib/mod.py", 7)
+"""
+
+
+def test_python_warnings_reach_the_user_as_log_lines_without_file_and_line():
+    proc = subprocess.run([sys.executable, "-c", WARN], capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        "WARNING UserWarning: careful", "WARNING FutureWarning (from somelib): deprecated thing"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -91,21 +92,89 @@ def test_csv_with_wrong_columns_names_the_missing_column(tmp_path):
 def test_csv_with_unknown_labels_is_rejected(tmp_path):
     csv = tmp_path / "train.csv"
     csv.write_text("img_path,label\na.png,granite\nb.png,marble\n")
-    with pytest.raises(DataError, match=r"unknown label\(s\) in .*train\.csv: marble"):
+    with pytest.raises(DataError, match=r"1 unknown label; first: .*train\.csv row 3: label 'marble' is not one "
+                                        r"of the classes basalt, granite"):
         index_dataset(csv, classes=["basalt", "granite"])
 
 
-def test_csv_with_an_empty_label_names_the_row(tmp_path):
+def test_csv_with_empty_labels_names_every_row(tmp_path):
     csv = tmp_path / "train.csv"
-    csv.write_text("img_path,label\na.png,granite\nb.png,\nc.png,basalt\n")
-    with pytest.raises(DataError, match="row 3 has an empty label"):
+    csv.write_text("img_path,label\na.png,granite\nb.png,\nc.png,basalt\nd.png, \n")
+    with pytest.raises(DataError, match=r"2 empty labels; first: .*row 3: empty label; .*row 5: empty label"):
         index_dataset(csv)
 
 
 def test_empty_class_folder_is_rejected(two_classes):
     (two_classes / "marble").mkdir()
-    with pytest.raises(DataError, match=r"class folder .*marble holds no images"):
+    with pytest.raises(DataError, match=r"1 empty class folder; first: .*marble: holds no images"):
         index_dataset(two_classes)
+
+
+CLUTTER = ("Thumbs.db", "desktop.ini", ".DS_Store", "README.txt", "0.png.json")
+
+
+def test_clutter_in_class_folders_is_ignored_counted_and_logged_once(two_classes, tmp_path, caplog):
+    for name in CLUTTER:
+        (two_classes / "granite" / name).write_bytes(b"not an image")
+    (two_classes / "basalt" / ".ipynb_checkpoints").mkdir()
+    with caplog.at_level(logging.INFO, logger="rockcls"):
+        index = index_dataset(two_classes)
+    assert len(index) == 8 and all(Path(p).suffix == ".png" for p in index.paths)
+    assert sorted(Path(p).name for p in index.ignored) == sorted([*CLUTTER, ".ipynb_checkpoints"])
+    lines = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("ignored 6 file(s) that are not images")
+    assert len(validate_images(index, skip_bad=False, cache_dir=tmp_path / "cache")) == 8
+
+
+def test_a_file_with_an_image_extension_that_does_not_decode_stays_an_error(two_classes, tmp_path):
+    (two_classes / "granite" / "Thumbs.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"1 bad image; first: .*Thumbs\.jpg: not a decodable image"):
+        validate_images(index_dataset(two_classes), skip_bad=False, cache_dir=tmp_path / "cache")
+
+
+def test_every_problem_of_the_data_is_reported_in_one_run_and_listed_in_a_file(two_classes, tmp_path):
+    (two_classes / "marble").mkdir()
+    for i in range(12):
+        (two_classes / "granite" / f"broken{i:02d}.jpg").write_bytes(b"")
+    (two_classes / "basalt" / "3.png").unlink()
+    report = tmp_path / "out" / "data_problems.tsv"
+    index = index_dataset(two_classes, check=False)
+    with pytest.raises(DataError) as err:
+        validate_images(index, skip_bad=False, cache_dir=tmp_path / "cache", min_per_class=4, report=report)
+    message = str(err.value)
+    assert message.startswith("data: 1 empty class folder, 12 bad images, 1 class with too few images; first: ")
+    assert f"all 14 listed in {report}" in message and "skip_bad_images=true" in message
+    assert "\n" not in message
+    rows = [line.split("\t") for line in report.read_text().splitlines()]
+    assert rows[0] == ["kind", "where", "detail"] and len(rows) == 15
+    assert sorted(Path(w).name for k, w, _ in rows[1:] if k == "bad image") == [f"broken{i:02d}.jpg" for i in range(12)]
+    assert {w: d for k, w, d in rows[1:] if k == "class with too few images"} == {
+        "class 'basalt'": "has 3 usable image(s), the split needs 4"}  # marble: reported as an empty folder
+    (two_classes / "marble").rmdir()
+    for i in range(12):
+        (two_classes / "granite" / f"broken{i:02d}.jpg").unlink()
+    validate_images(index_dataset(two_classes), skip_bad=False, cache_dir=tmp_path / "cache", report=report)
+    assert not report.exists()  # fixed data: the old list is gone
+
+
+def test_skipping_bad_images_still_reports_the_other_problems(two_classes, tmp_path):
+    (two_classes / "marble").mkdir()
+    (two_classes / "granite" / "broken.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^data: 1 empty class folder; first: .*marble: holds no images; all 1 "):
+        validate_images(index_dataset(two_classes, check=False), skip_bad=True, cache_dir=tmp_path / "cache",
+                        report=tmp_path / "problems.tsv")
+
+
+def test_training_lists_the_data_problems_in_its_output_dir(two_classes, tmp_path):
+    from rockcls.train import load_dataset
+    from tests.conftest import tiny_config
+
+    (two_classes / "marble").mkdir()
+    (two_classes / "basalt" / "broken.png").write_bytes(b"")
+    cfg = tiny_config(two_classes, folds=5, output_dir=str(tmp_path / "outputs"), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"1 empty class folder, 1 bad image, 2 classes with too few images; .*"
+                                        r"all 4 listed in .*outputs/data_problems\.tsv"):
+        load_dataset(cfg)
 
 
 def test_single_class_is_rejected(tmp_path):
@@ -267,37 +336,35 @@ def with_bad_files(two_classes) -> Path:
 
 def test_bad_images_fail_validation_with_their_names(with_bad_files, tmp_path):
     index = index_dataset(with_bad_files)
-    with pytest.raises(DataError, match=r"4 bad image\(s\): .*tiny\.png: too small \(30x4 px, need 8\).*"
+    with pytest.raises(DataError, match=r"3 bad images; first: .*tiny\.png: too small \(30x4 px, need 8\).*"
                                         r"skip_bad_images=true"):
         validate_images(index, skip_bad=False, cache_dir=tmp_path / "cache", workers=2)
 
 
-def test_skip_bad_images_lists_every_skipped_file_with_its_reason(with_bad_files, tmp_path):
+def test_skip_bad_images_lists_every_skipped_file_with_its_reason(with_bad_files, tmp_path, caplog):
     index = index_dataset(with_bad_files)
-    with pytest.warns(UserWarning, match=r"skipping 4 bad image\(s\)"):
-        kept = validate_images(index, skip_bad=True, cache_dir=tmp_path / "cache", workers=2)
+    kept = validate_images(index, skip_bad=True, cache_dir=tmp_path / "cache", workers=2)
+    assert "skipping 3 bad image(s)" in caplog.text
     assert len(kept) == 8
     reasons = {Path(p).name: r for p, r in kept.skipped}
-    assert set(reasons) == {"corrupt.png", "empty.jpg", "tiny.png", "notes.txt"}
+    assert set(reasons) == {"corrupt.png", "empty.jpg", "tiny.png"}
     assert reasons["empty.jpg"] == "empty file"
     assert reasons["corrupt.png"].startswith("not a decodable image")
-    assert reasons["notes.txt"] == "not an image file (extension)"
+    assert [Path(p).name for p in kept.ignored] == ["notes.txt"]  # not an image: not part of the dataset
 
 
 def test_class_with_only_bad_images_is_an_error(two_classes, tmp_path):
     for p in (two_classes / "basalt").iterdir():
         p.write_bytes(b"broken")
-    with pytest.raises(DataError, match="class 'basalt' has no usable images"), pytest.warns(UserWarning):
+    with pytest.raises(DataError, match="class 'basalt': has no usable images"):
         validate_images(index_dataset(two_classes), skip_bad=True, cache_dir=tmp_path / "cache")
 
 
 def test_second_validation_of_unchanged_files_decodes_nothing(with_bad_files, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    with pytest.warns(UserWarning):
-        first = validate_images(index_dataset(with_bad_files), skip_bad=True, cache_dir=cache, workers=2)
+    first = validate_images(index_dataset(with_bad_files), skip_bad=True, cache_dir=cache, workers=2)
     no_decoding(monkeypatch)
-    with pytest.warns(UserWarning):
-        second = validate_images(index_dataset(with_bad_files), skip_bad=True, cache_dir=cache, workers=2)
+    second = validate_images(index_dataset(with_bad_files), skip_bad=True, cache_dir=cache, workers=2)
     assert second.paths == first.paths and second.skipped == first.skipped
 
 

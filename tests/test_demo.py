@@ -3,6 +3,7 @@ import sys
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
 
 def test_demo_runs_the_whole_workflow(mlflow_store, tmp_path):
@@ -11,7 +12,16 @@ def test_demo_runs_the_whole_workflow(mlflow_store, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert out.count("cv_macro_f1") >= 2 and "accuracy on the synthetic test set" in out
-    assert "2/2 trials finished" in out and "mlflow ui" in out
+    assert "2/2 trials finished" in out
+    # The closing line names the store the runs went to (here the test's), not a guessed ./mlflow.db.
+    assert f"browse the runs: mlflow ui --backend-store-uri {mlflow_store}   (experiment 'rockcls-demo')" in out
+    client = MlflowClient()
+    assert {e.name for e in client.search_experiments()} == {"Default", "rockcls-demo"}
+    assert client.search_runs(["0"]) == [] and client.search_logged_models(["0"]) == []
+    demo = client.get_experiment_by_name("rockcls-demo").experiment_id
+    kinds = {r.data.tags["rockcls.kind"] for r in client.search_runs([demo], max_results=500)}
+    assert kinds == {"train", "fold", "predict", "ensemble", "study", "trial"}
+    assert len(client.search_logged_models([demo])) == 2  # the demo's ensemble and the study's
     submission = pd.read_csv(tmp_path / "demo_data" / "submission.csv")
     assert len(submission) == 30 and submission["label"].notna().all()
     assert "img_path: not accepted" not in out and "img_path: refused" not in out  # the demo's own img_path rows

@@ -176,6 +176,26 @@ def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
     assert version.tags["rockcls.ensemble_run"] == ensemble_run.info.run_id
 
 
+def test_study_run_charts_the_best_value_so_far_over_finished_trials_and_describes_itself(six):
+    client, run_id, study = six["client"], six["run_id"], six["study"]
+    # step = complete + pruned trials so far (one process: trials finish in number order); a failed
+    # trial is replaced, so it does not advance the curve
+    finished = [t for t in study.get_trials() if t.state in study_mod.FINISHED]
+    expected, best = {}, None
+    for step, t in enumerate(finished, start=1):
+        if t.state == TrialState.COMPLETE:
+            best = t.value if best is None else max(best, t.value)
+        if best is not None:
+            expected[step] = best
+    curve = {m.step: m.value for m in client.get_metric_history(run_id, "best_macro_f1")}
+    assert curve == pytest.approx(expected) and len(curve) >= 2  # a curve, not a single dot
+    pruned = {m.step: m.value for m in client.get_metric_history(run_id, "trials_pruned")}
+    assert sorted(pruned) == list(range(1, len(finished) + 1))
+    note = client.get_run(run_id).data.tags["mlflow.note.content"]
+    assert f"**Best trial {study.best_trial.number}: macro-F1 {study.best_value:.4f}**" in note
+    assert "python search/tune.py --trials 6 " in note and f"--data {six['argv'][1]}" in note
+
+
 def test_rerun_resumes_to_the_same_total_and_more_trials_continue_it(six):
     study, before = six["study"], len(six["study"].get_trials())
     assert run_command(tune.main, six["argv"]) == 0

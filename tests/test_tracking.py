@@ -1,0 +1,172 @@
+"""What a user finds in MLflow: one experiment per workflow, and runs, models and registry entries
+that say what they are (names, descriptions, dataset inputs, user and source tags)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rockcls import ensemble, predict, tracking
+from rockcls.errors import ConfigError
+from rockcls.train import run_training
+from tests.conftest import tiny_config
+
+NAME = "rockcls-ui"
+
+
+# ---------------------------------------------------------------------------- the experiment rule
+
+def test_experiment_is_the_option_else_rockcls(mlflow_store) -> None:
+    client = MlflowClient()
+    assert client.get_experiment(tracking.experiment_id("")).name == "rockcls"
+    assert client.get_experiment(tracking.experiment_id("mine")).name == "mine"
+    assert tracking.NOTE in client.get_experiment_by_name("mine").tags  # described when rockcls creates it
+
+
+def test_experiment_chosen_by_mlflow_run_wins_and_a_conflicting_option_is_refused(mlflow_store, monkeypatch) -> None:
+    chosen = MlflowClient().create_experiment("picked-by-mlflow-run")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", chosen)
+    assert tracking.experiment_id("") == chosen
+    assert tracking.experiment_id("picked-by-mlflow-run") == chosen
+    with pytest.raises(ConfigError, match=r"experiment: 'rockcls' cannot take effect: `mlflow run` chose experiment "
+                                          r"'picked-by-mlflow-run'; give `--experiment-name rockcls` to mlflow run"):
+        tracking.experiment_id("rockcls")
+
+
+def test_experiment_made_by_mlflow_run_gets_a_description_but_default_is_left_alone(mlflow_store, monkeypatch) -> None:
+    client = MlflowClient()
+    named = client.create_experiment("made-by-mlflow-run")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    for exp_id in (named, "0"):
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
+        assert tracking.experiment_id("") == exp_id
+    assert client.get_experiment(named).tags[tracking.NOTE] == tracking.EXPERIMENT_NOTE
+    assert tracking.NOTE not in client.get_experiment("0").tags
+
+
+def test_mlflow_experiment_name_variable_wins_over_the_default(mlflow_store, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    assert MlflowClient().get_experiment(tracking.experiment_id("")).name == "from-env"
+    with pytest.raises(ConfigError, match="unset MLFLOW_EXPERIMENT_NAME or leave experiment empty"):
+        tracking.experiment_id("other")
+
+
+def test_searching_a_missing_experiment_does_not_create_it(mlflow_store) -> None:
+    with pytest.raises(tracking.RockclsError, match="experiment 'nowhere' not found"):
+        ensemble.top_runs("nowhere", 2)
+    assert MlflowClient().get_experiment_by_name("nowhere") is None
+    tracking.experiment_id("")
+    with pytest.raises(tracking.RockclsError, match="experiment 'rockcls' has no completed train run"):
+        ensemble.top_runs("", 2)  # the error names the experiment searched, not the empty option
+
+
+# ---------------------------------------------------------------------------- what the UI shows
+
+@pytest.fixture(scope="module")
+def workflow(store, synthetic_dir):
+    """Two train runs, their registered ensemble and a prediction by alias, as a user runs them."""
+    tracking.set_program("rockcls test")
+    a = run_training(tiny_config(synthetic_dir, epochs=1))
+    b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3, backbone="test_vit"))
+    assert ensemble.main(["--runs", f"{a.run_id},{b.run_id}", "--register", NAME]) == 0
+    images = sorted(synthetic_dir.rglob("*.png"))[::12]
+    pd.DataFrame({"img_path": [str(p) for p in images]}).to_csv(store / "ui.csv", index=False)
+    assert predict.main(["--model", f"models:/{NAME}@champion", "--data", str(store / "ui.csv"),
+                         "--out", str(store / "ui_out.csv"), "--num-workers", "0"]) == 0
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("rockcls")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    yield {"client": client, "exp": exp, "runs": runs, "train": [a, b], "data": str(synthetic_dir.resolve())}
+    tracking.set_program("")
+
+
+def runs_of(workflow, kind: str) -> list:
+    return [r for r in workflow["runs"] if r.data.tags["rockcls.kind"] == kind]
+
+
+def test_every_run_and_the_logged_model_are_in_one_experiment(workflow) -> None:
+    client, exp = workflow["client"], workflow["exp"]
+    assert sorted(r.data.tags["rockcls.kind"] for r in workflow["runs"]) == sorted(
+        ["train", "train", "fold", "fold", "fold", "fold", "ensemble", "predict"])
+    default = client.get_experiment_by_name("Default")
+    assert client.search_runs([default.experiment_id]) == []
+    assert client.search_logged_models([default.experiment_id]) == []
+    assert tracking.NOTE in exp.tags
+
+
+def test_runs_carry_user_and_source_tags(workflow) -> None:
+    for run in workflow["runs"]:
+        tags = run.data.tags
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL", run.info.run_name
+        assert tags["mlflow.source.name"] == "rockcls test"
+
+
+def test_train_run_description_has_its_score_and_the_command_that_repeats_it(workflow) -> None:
+    for run in runs_of(workflow, "train"):
+        note = run.data.tags[tracking.NOTE]
+        assert f"**cv_macro_f1 {run.data.metrics['cv_macro_f1']:.4f}**" in note
+        assert f"python -m rockcls train --data {workflow['data']} --backbone {run.data.params['backbone']} " in note
+        assert "--no-pretrained" in note and "--img-size 32" in note
+    for run in runs_of(workflow, "fold"):
+        assert "OOF macro-F1" in run.data.tags[tracking.NOTE]
+
+
+def test_train_and_fold_runs_have_the_dataset_as_input(workflow) -> None:
+    for run in runs_of(workflow, "train") + runs_of(workflow, "fold"):
+        (entry,) = run.inputs.dataset_inputs
+        assert entry.dataset.name.endswith("/train") and entry.dataset.source_type == "local"
+        assert workflow["data"] in entry.dataset.source
+        assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "training"
+    digests = {r.inputs.dataset_inputs[0].dataset.digest for r in runs_of(workflow, "train") + runs_of(workflow, "fold")}
+    assert digests == {runs_of(workflow, "train")[0].data.tags["rockcls.data_fingerprint"]}
+
+
+def test_ensemble_run_is_named_by_its_members_and_logs_its_model_in_its_experiment(workflow) -> None:
+    client, exp = workflow["client"], workflow["exp"]
+    (run,) = runs_of(workflow, "ensemble")
+    assert re.fullmatch(r"ensemble-2-[0-9a-f]{6}", run.info.run_name)
+    note = run.data.tags[tracking.NOTE]
+    assert f"**Honest macro-F1 {run.data.metrics['ensemble_macro_f1']:.4f}**" in note
+    assert "python -m rockcls ensemble --runs" in note and f"registered as `{NAME}` version 1" in note
+    assert [i.dataset.name for i in run.inputs.dataset_inputs] == [
+        runs_of(workflow, "train")[0].inputs.dataset_inputs[0].dataset.name]
+    (model,) = client.search_logged_models([exp.experiment_id])
+    assert model.name == run.info.run_name and model.source_run_id == run.info.run_id
+    assert model.tags["mlflow.source.name"] == "rockcls test"  # the Models tab's "Logged from"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    version = client.get_model_version(NAME, "1")
+    assert version.source == f"models:/{model.model_id}"  # the version's "Source model" link
+    assert "Honest macro-F1" in version.description and "@champion" in version.description
+    assert f"models:/{NAME}@champion" in client.get_registered_model(NAME).description
+
+
+def test_predict_run_describes_its_input_and_model(workflow) -> None:
+    (run,) = runs_of(workflow, "predict")
+    note = run.data.tags[tracking.NOTE]
+    assert note.startswith("**Predictions** of") and f"models:/{NAME}@champion" in note
+    (entry,) = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "inference"
+
+
+def test_different_ensembles_of_the_same_runs_get_different_names(workflow) -> None:
+    members = ensemble.load_members([r.run_id for r in workflow["train"]])
+    fit = ensemble.fit_ensemble(members, bias=True)
+    first, second = (dataclasses.replace(fit, weights=np.array(w)) for w in ([0.7, 0.3], [0.3, 0.7]))
+    assert first.name != second.name
+    assert fit.name == ensemble.fit_ensemble(members, bias=True).name  # the same ensemble: the same name
+
+
+def test_browse_hint_names_the_real_store_with_its_password_masked(mlflow_store) -> None:
+    import mlflow
+
+    assert tracking.browse_hint() == f"mlflow ui --backend-store-uri {mlflow_store}"
+    mlflow.set_tracking_uri("http://ann:s3cret@tracking.example:5000")
+    assert tracking.browse_hint() == "open http://ann:***@tracking.example:5000"
+    mlflow.set_tracking_uri("postgresql+psycopg2://ann:s3cret@db:5432/mlflow")
+    assert tracking.browse_hint() == "mlflow ui --backend-store-uri postgresql+psycopg2://ann:***@db:5432/mlflow"
