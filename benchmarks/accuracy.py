@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rockcls.config import TrainConfig, build_config  # noqa: E402
-from rockcls.data import index_dataset, make_folds  # noqa: E402
-from rockcls.metrics import macro_f1, per_class_f1  # noqa: E402
-from rockcls.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from rockcls.core.config import TrainConfig, build_config  # noqa: E402
+from rockcls.core.metrics import macro_f1, per_class_f1  # noqa: E402
+from rockcls.data.index import index_dataset, make_folds  # noqa: E402
+from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 PARTS = ("plain", "members", "pretrained")
 
@@ -133,8 +133,8 @@ def train_config(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 
 def run_members(args: argparse.Namespace) -> tuple[list[Row], Row]:
-    from rockcls import ensemble
-    from rockcls.train import run_training
+    from rockcls.runs import ensemble
+    from rockcls.training.trainer import run_training
 
     rows, run_ids = [], []
     for i in range(args.members):
@@ -156,8 +156,8 @@ def run_members(args: argparse.Namespace) -> tuple[list[Row], Row]:
 
 
 def run_pretrained(args: argparse.Namespace) -> Row | None:
-    from rockcls.errors import ConfigError
-    from rockcls.train import run_training
+    from rockcls.core.errors import ConfigError
+    from rockcls.training.trainer import run_training
 
     start = time.perf_counter()
     try:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(args.work) / 'mlflow.db'}")
     os.environ.setdefault("ROCKCLS_CACHE_DIR", str(Path(args.work) / "cache"))
     os.chdir(args.work)  # MLflow writes run artifacts next to the store
-    from rockcls.progress import setup_logging
+    from rockcls.core.progress import setup_logging
 
     setup_logging()
     rows, lines, start = [], [], time.perf_counter()

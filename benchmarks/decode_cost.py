@@ -1,4 +1,4 @@
-"""Per-image cost of `rockcls.data.load_image` on typical files (one thread, warm page cache).
+"""Per-image cost of `rockcls.data.images.load_image` on typical files (one thread, warm page cache).
 
     PYTHONPATH=. python benchmarks/decode_cost.py [--repeat 300]
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rockcls.data import load_image
-from rockcls.synthetic import make_image
+from rockcls.data.images import load_image
+from rockcls.data.synthetic import make_image
 
 CASES = [("png", 48), ("png", 512), ("jpg", 384), ("jpg", 1024), ("jpg", 3000)]
 
@@ -44,7 +44,7 @@ def timings_us(fn, repeat: int) -> tuple[float, float]:
 
 def header_us(path: Path, repeat: int) -> float:
     """The header check alone (absent in checkouts without it: NaN)."""
-    from rockcls import data
+    from rockcls.data import images as data
 
     if not hasattr(data, "_header_size"):
         return float("nan")

@@ -31,12 +31,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rockcls.cache import resolve_cache_size  # noqa: E402
-from rockcls.data import ImageDataset, index_dataset, open_source, validate_images  # noqa: E402
-from rockcls.engine import StepSettings, autocast, prepare_batch  # noqa: E402
-from rockcls.models import build_model, model_spec  # noqa: E402
-from rockcls.synthetic import make_dataset  # noqa: E402
-from rockcls.transforms import DeviceAugment, build_device_augment, build_train_transform  # noqa: E402
+from rockcls.data.cache import resolve_cache_size  # noqa: E402
+from rockcls.data.index import index_dataset  # noqa: E402
+from rockcls.data.sources import ImageDataset, open_source, validate_images
+from rockcls.data.synthetic import make_dataset  # noqa: E402
+from rockcls.training.engine import StepSettings, autocast, prepare_batch  # noqa: E402
+from rockcls.training.models import build_model, model_spec  # noqa: E402
+from rockcls.training.transforms import (  # noqa: E402
+    DeviceAugment,
+    build_device_augment,
+    build_train_transform,
+)
 
 PRESET = "seed"
 PREFETCH = 4

@@ -28,8 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import rockcls.data as data  # noqa: E402
-from rockcls.synthetic import make_image  # noqa: E402
+from rockcls.data import images as data
+from rockcls.data import index as data_index
+from rockcls.data import sources as data_sources
+from rockcls.data.synthetic import make_image  # noqa: E402
 
 
 def write_files(root: Path, *, n: int, classes: int, side: int, seed: int) -> None:
@@ -45,7 +47,7 @@ def write_files(root: Path, *, n: int, classes: int, side: int, seed: int) -> No
 
 
 class DecodeCounter:
-    """Counts calls of ``rockcls.data.load_image`` (every decode goes through it)."""
+    """Counts calls of ``rockcls.data.images.load_image`` (every decode goes through it)."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -58,8 +60,8 @@ class DecodeCounter:
 
 def index_and_validate(root: Path, cache_dir: Path, workers: int) -> tuple[float, int]:
     start = time.perf_counter()
-    index = data.index_dataset(root)
-    valid = data.validate_images(index, skip_bad=False, cache_dir=cache_dir, workers=workers)
+    index = data_index.index_dataset(root)
+    valid = data_sources.validate_images(index, skip_bad=False, cache_dir=cache_dir, workers=workers)
     return time.perf_counter() - start, len(valid)
 
 

@@ -48,11 +48,18 @@ from albumentations.pytorch import ToTensorV2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rockcls.cache import resolve_cache_size  # noqa: E402
-from rockcls.data import DatasetIndex, ImageDataset, index_dataset, open_source, validate_images  # noqa: E402
-from rockcls.engine import StepSettings, prepare_batch  # noqa: E402
-from rockcls.transforms import (IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, RandomCenterCrop,  # noqa: E402
-                                build_device_augment, build_train_transform)
+from rockcls.data.cache import resolve_cache_size  # noqa: E402
+from rockcls.data.index import DatasetIndex, index_dataset
+from rockcls.data.sources import ImageDataset, open_source, validate_images  # noqa: E402
+from rockcls.training.engine import StepSettings, prepare_batch  # noqa: E402
+from rockcls.training.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceAugment,
+    RandomCenterCrop,
+    build_device_augment,
+    build_train_transform,
+)
 
 PRESET = "seed"
 REFERENCE = "reference"

@@ -42,10 +42,11 @@ def build_model(work: Path) -> tuple[str, Path]:
     """Train and register the tiny ensemble; returns (tracking URI, image folder)."""
     import mlflow
 
-    from rockcls import ensemble, registry, tracking
-    from rockcls.config import TrainConfig, build_config
-    from rockcls.synthetic import make_dataset
-    from rockcls.train import run_training
+    from rockcls.core import tracking
+    from rockcls.core.config import TrainConfig, build_config
+    from rockcls.data.synthetic import make_dataset
+    from rockcls.runs import ensemble, registry
+    from rockcls.training.trainer import run_training
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -139,8 +140,8 @@ def b64(data: bytes) -> str:
 
 def build_requests(images: list[Path], root: Path, outside: Path, fifo: Path, n: int, rows: int) -> list[dict]:
     """``n`` request specs: the payload and, per row, what a correct answer looks like."""
-    from rockcls.registry import PATH_REFUSED
-    from rockcls.synthetic import EPS_BYTES, png_header_only
+    from rockcls.data.synthetic import EPS_BYTES, png_header_only
+    from rockcls.runs.registry import PATH_REFUSED
 
     good = [p.read_bytes() for p in images]
     bad = [("40000x40000 PNG header (b64)", [None, b64(png_header_only(40000, 40000))], "too large"),

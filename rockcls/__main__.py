@@ -1,6 +1,6 @@
 import sys
 
-from rockcls.cli import main
+from rockcls.commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

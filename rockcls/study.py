@@ -8,7 +8,7 @@ trials (Optuna's own ``MaxTrialsCallback`` overshoots by up to workers - 1). A t
 is FAILED with its reason and its slot gets a fresh ticket; a trial whose worker died (no
 heartbeat) is FAILED and queued again with the same parameters.
 
-Each trial is one `rockcls.train.run_training` call: its train run (kind ``trial``) nests under
+Each trial is one `rockcls.training.trainer.run_training` call: its train run (kind ``trial``) nests under
 the study's MLflow run, reports validation macro-F1 on step ``fold * epochs + epoch`` (so the
 pruner compares like with like), and stops at once when pruned (MLflow status KILLED).
 """
@@ -36,11 +36,20 @@ from typing import Any, Iterable, Mapping, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rockcls import secrets, tracking
-from rockcls import train as training
-from rockcls.config import (TrainConfig, _field_map, _field_type, _opt, build_config, check_value,
-                            coerce_value, command_flags, load_yaml)
-from rockcls.errors import ConfigError, RockclsError
+from rockcls.core import secrets, tracking
+from rockcls.core.config import (
+    TrainConfig,
+    build_config,
+    check_value,
+    coerce_value,
+    command_flags,
+    field_map,
+    field_type,
+    load_yaml,
+    option,
+)
+from rockcls.core.errors import ConfigError, RockclsError
+from rockcls.training import trainer as training
 
 log = logging.getLogger("rockcls")
 
@@ -66,28 +75,28 @@ READY_WAIT_S = 60.0
 class TuneConfig:
     """Parameters of the study itself (train parameters are `TrainConfig`'s)."""
 
-    trials: int = _opt(50, "finished (complete + pruned) trials the study holds in total", min=1)
-    storage: str = _opt("", "Optuna storage (SQLAlchemy URL, best without a password: ~/.pgpass); empty = "
+    trials: int = option(50, "finished (complete + pruned) trials the study holds in total", min=1)
+    storage: str = option("", "Optuna storage (SQLAlchemy URL, best without a password: ~/.pgpass); empty = "
                             "$ROCKCLS_STORAGE, else sqlite optuna.db next to the MLflow database")
-    study_name: str = _opt("", "study name; empty = derived from backbone, data and fixed settings")
-    pruner: str = _opt("median", "pruner of trials that fall behind", choices=PRUNERS)
-    devices: str = _opt("", "GPU ids, one worker process each (e.g. 0,1,2,3); 'cpu' entries add CPU workers; "
+    study_name: str = option("", "study name; empty = derived from backbone, data and fixed settings")
+    pruner: str = option("median", "pruner of trials that fall behind", choices=PRUNERS)
+    devices: str = option("", "GPU ids, one worker process each (e.g. 0,1,2,3); 'cpu' entries add CPU workers; "
                             "empty = one worker in this process")
-    timeout: float = _opt(0.0, "seconds after which workers start no new trial; 0 = no limit", min=0.0)
-    top_k: int = _opt(3, "best trials ensembled at the end; 0 = no ensemble", min=0)
-    register: str = _opt("rockcls", "registered model name of the ensemble; empty = do not register")
-    search_lr: str = _opt("1e-5:1e-3", "lr range LOW:HIGH (log scale) or choices A,B; empty = not searched")
-    search_hn_ratio: str = _opt("0:0.5", "hn_ratio range or choices; empty = not searched")
-    search_balanced_ratio: str = _opt("0:1", "balanced_ratio range or choices; empty = not searched")
-    search_hn_memory: str = _opt("64:4096", "hn_memory range (log scale) or choices such as 0,256,1024")
-    search_label_smoothing: str = _opt("", "label_smoothing range or choices; empty = not searched")
-    search_augment: str = _opt("", "augmentation presets to choose from, e.g. light,seed,winner")
-    baseline: bool = _opt(True, "first trial = the train defaults of the searched parameters")
-    sampler_startup: int = _opt(5, "random trials before the TPE sampler models the space", min=0)
-    pruner_startup: int = _opt(3, "completed trials before the median pruner prunes", min=0)
-    pruner_warmup: int = _opt(1, "epochs of the first fold before the median pruner prunes", min=0)
-    heartbeat: int = _opt(30, "seconds between heartbeats of a running trial; stale (retried) after 2x", min=1)
-    retries: int = _opt(2, "new attempts of a slot whose trial raised or whose worker died", min=0)
+    timeout: float = option(0.0, "seconds after which workers start no new trial; 0 = no limit", min=0.0)
+    top_k: int = option(3, "best trials ensembled at the end; 0 = no ensemble", min=0)
+    register: str = option("rockcls", "registered model name of the ensemble; empty = do not register")
+    search_lr: str = option("1e-5:1e-3", "lr range LOW:HIGH (log scale) or choices A,B; empty = not searched")
+    search_hn_ratio: str = option("0:0.5", "hn_ratio range or choices; empty = not searched")
+    search_balanced_ratio: str = option("0:1", "balanced_ratio range or choices; empty = not searched")
+    search_hn_memory: str = option("64:4096", "hn_memory range (log scale) or choices such as 0,256,1024")
+    search_label_smoothing: str = option("", "label_smoothing range or choices; empty = not searched")
+    search_augment: str = option("", "augmentation presets to choose from, e.g. light,seed,winner")
+    baseline: bool = option(True, "first trial = the train defaults of the searched parameters")
+    sampler_startup: int = option(5, "random trials before the TPE sampler models the space", min=0)
+    pruner_startup: int = option(3, "completed trials before the median pruner prunes", min=0)
+    pruner_warmup: int = option(1, "epochs of the first fold before the median pruner prunes", min=0)
+    heartbeat: int = option(30, "seconds between heartbeats of a running trial; stale (retried) after 2x", min=1)
+    retries: int = option(2, "new attempts of a slot whose trial raised or whose worker died", min=0)
 
 
 def quiet_optuna() -> None:
@@ -146,8 +155,8 @@ class Dimension:
 
 def parse_dimension(name: str, spec: str) -> Dimension:
     """``LOW:HIGH`` or ``A,B,...`` for train setting ``name``, checked against its valid values."""
-    fld = _field_map(TrainConfig)[name]
-    typ, meta, key = _field_type(fld), dict(fld.metadata), f"search_{name}"
+    fld = field_map(TrainConfig)[name]
+    typ, meta, key = field_type(fld), dict(fld.metadata), f"search_{name}"
     log_scale, _ = SEARCHABLE[name]
     if ":" in spec and typ is not str:
         lo, hi = (coerce_value(key, part.strip(), typ) for part in spec.split(":", 1))
@@ -911,7 +920,7 @@ def log_study_plots(study: optuna.Study, run_id: str) -> None:
 def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOutcome) -> None:
     """Weighted soft voting of the top-K completed trials (the ensemble entry point's fit, with
     its cross-fitted score), logged under the study run and registered if asked."""
-    from rockcls import ensemble
+    from rockcls.runs import ensemble
 
     ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
                     reverse=True)
@@ -927,7 +936,7 @@ def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOut
                                            f"--seed {plan.base.seed} --tta {tta}")
     try:
         if plan.tune.register:
-            from rockcls.registry import register_ensemble
+            from rockcls.runs.registry import register_ensemble
 
             outcome.registration = register_ensemble(fit, name=plan.tune.register, run_id=run_id,
                                                            tta=tta).summary()
@@ -948,7 +957,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     """Create or resume the study, run its workers, then summarise and ensemble it."""
     import timm
 
-    from rockcls.data import content_fingerprint, make_folds
+    from rockcls.data.index import content_fingerprint, make_folds
 
     quiet_optuna()
     refuse_logged_password(tune.storage)
@@ -1014,8 +1023,8 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rockcls.cli import run_command
-    from rockcls.progress import setup_logging
+    from rockcls.core.entry import run_command
+    from rockcls.core.progress import setup_logging
 
     setup_logging()
     for handler in logging.getLogger().handlers:

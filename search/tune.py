@@ -12,8 +12,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from rockcls import tracking
-from rockcls.config import TrainConfig, add_config_arguments, config_from_args
+from rockcls.core import tracking
+from rockcls.core.config import TrainConfig, add_config_arguments, config_from_args
 from rockcls.study import TuneConfig, build_search_config, run_study
 
 
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from rockcls.cli import run_command
-    from rockcls.progress import setup_logging
+    from rockcls.core.entry import run_command
+    from rockcls.core.progress import setup_logging
 
     setup_logging()
     sys.exit(run_command(main, sys.argv[1:]))

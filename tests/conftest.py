@@ -14,8 +14,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-from rockcls.config import TrainConfig, build_config  # noqa: E402
-from rockcls.synthetic import make_dataset  # noqa: E402
+from rockcls.core.config import TrainConfig, build_config  # noqa: E402
+from rockcls.data.synthetic import make_dataset  # noqa: E402
 
 
 def use_store(mp: pytest.MonkeyPatch, root: Path) -> str:

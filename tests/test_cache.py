@@ -17,14 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-import rockcls.cache as cache_mod
-import rockcls.data as data
-from rockcls.cache import (ImageCache, build_cache, cache_files, load_cache, open_cache, resize_for_cache,
-                           resolve_cache_size)
-from rockcls.cli import main as cli_main
-from rockcls.data import FileSource, ImageDataset, index_dataset, load_image, open_source, validate_images
-from rockcls.errors import ConfigError, DataError
-from rockcls.synthetic import make_dataset
+from rockcls.commands import prepare
+from rockcls.commands.cli import main as cli_main
+from rockcls.core.errors import ConfigError, DataError
+from rockcls.data import cache as cache_module
+from rockcls.data import images as data
+from rockcls.data.cache import (
+    ImageCache,
+    build_cache,
+    cache_files,
+    load_cache,
+    open_cache,
+    resize_for_cache,
+    resolve_cache_size,
+)
+from rockcls.data.images import load_image
+from rockcls.data.index import index_dataset
+from rockcls.data.sources import FileSource, ImageDataset, open_source, validate_images
+from rockcls.data.synthetic import make_dataset
 from tests.conftest import wait_for_a_new_timestamp_tick
 
 
@@ -192,7 +202,7 @@ def test_cache_of_unvalidated_bad_image_is_refused(dataset, cache_dir):
 def test_disk_full_is_a_one_line_error_and_leaves_no_temp_files(dataset, cache_dir, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(cache_mod, "_write_pixels", full)
+    monkeypatch.setattr(cache_module, "_write_pixels", full)
     with pytest.raises(DataError, match=r"cache: disk full in .*images .*use cache=false"):
         build_cache(index_dataset(dataset).paths, cache_dir=cache_dir, size=32)
     assert cache_files_in(cache_dir) == []
@@ -237,12 +247,12 @@ def test_validation_fills_the_cache_in_its_single_decode_pass(dataset, cache_dir
 # ---------------------------------------------------------------------------- concurrency
 
 def _build_in_child(paths, cache_dir, barrier, rows_out):
-    resize = cache_mod.resize_for_cache
+    resize = cache_module.resize_for_cache
 
     def slow_resize(img, size):  # stretch the build so the two builders and the reader overlap
         time.sleep(0.02)
         return resize(img, size)
-    cache_mod.resize_for_cache = slow_resize
+    cache_module.resize_for_cache = slow_resize
     barrier.wait()
     built = build_cache(paths, cache_dir=cache_dir, size=32, workers=2)
     rows_out.put([built.cache.read(i).tobytes() for i in range(len(paths))])
@@ -279,7 +289,7 @@ def test_a_killed_builders_leftover_is_ignored_then_removed_when_stale(dataset, 
     stale, live = cache_dir / "images" / "build.tmp-99999-1.u8", cache_dir / "images" / "build.tmp-99998-1.u8"
     stale.write_bytes(b"\0" * 100)
     live.write_bytes(b"\0" * 100)
-    os.utime(stale, (time.time() - 2 * cache_mod.STALE_BUILD_S,) * 2)
+    os.utime(stale, (time.time() - 2 * cache_module.STALE_BUILD_S,) * 2)
     assert load_cache(cache_dir, paths, size=32) is None
     assert len(open_cache(paths, cache_dir=cache_dir, size=32)) == len(paths)
     assert not stale.exists() and live.exists()  # a fresh temp file may belong to a running builder
@@ -289,36 +299,36 @@ def test_a_killed_builders_leftover_is_ignored_then_removed_when_stale(dataset, 
 
 def test_prepare_builds_then_reports_up_to_date(dataset, cache_dir, capsys):
     argv = ["--data", str(dataset), "--img-size", "32", "--cache-dir", str(cache_dir), "--workers", "2"]
-    assert cache_mod.main(argv) == 0
+    assert prepare.main(argv) == 0
     first = capsys.readouterr().out
     assert "9 images cached at 37 px (0 skipped)" in first and "built" in first
-    assert cache_mod.main(argv) == 0
+    assert prepare.main(argv) == 0
     assert "already up to date" in capsys.readouterr().out
 
 
 def test_prepare_skip_bad_images_as_a_bare_flag_and_underscore_names(dataset, cache_dir, capsys, caplog):
     (dataset / "synthetic_grainy" / "bad.png").write_bytes(b"nope")
     argv = ["--data", str(dataset), "--cache_size", "24", "--cache_dir", str(cache_dir), "--skip-bad-images"]
-    assert cache_mod.main(argv) == 0
+    assert prepare.main(argv) == 0
     assert "bad.png" in caplog.text
     assert "9 images cached at 24 px (1 skipped)" in capsys.readouterr().out
     with pytest.raises(DataError, match=r"1 bad image"):
-        cache_mod.main([*argv, "--no-skip-bad-images"])  # the last of the two switches wins
+        prepare.main([*argv, "--no-skip-bad-images"])  # the last of the two switches wins
 
 
 def test_prepare_bad_input_ends_as_one_line_errors(tmp_path, capsys):
     assert cli_main(["prepare", "--data", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip().endswith("missing does not exist")
     with pytest.raises(ConfigError, match="cache_size: must be >= 0, got -1"):
-        cache_mod.main(["--data", str(tmp_path), "--cache-size", "-1"])
+        prepare.main(["--data", str(tmp_path), "--cache-size", "-1"])
     with pytest.raises(ConfigError, match="workers: expected an integer, got 'many'"):
-        cache_mod.main(["--data", str(tmp_path), "--workers", "many"])
+        prepare.main(["--data", str(tmp_path), "--workers", "many"])
 
 
 # ---------------------------------------------------------------------------- training
 
 def test_training_reads_the_cache(synthetic_dir, mlflow_store, tiny_cfg):
-    from rockcls.train import run_training
+    from rockcls.training.trainer import run_training
 
     result = run_training(tiny_cfg(synthetic_dir, folds=1, epochs=1, cache=True))
     assert np.isfinite(result.cv_macro_f1)

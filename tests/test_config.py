@@ -1,15 +1,22 @@
 import subprocess
 import sys
-import tomllib
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
-from rockcls.config import (AUTO_LR_PRETRAINED, AUTO_LR_SCRATCH, TrainConfig, add_config_arguments, build_config,
-                            config_from_args, presets)
-from rockcls.errors import ConfigError
+from rockcls.core.config import (
+    AUTO_LR_PRETRAINED,
+    AUTO_LR_SCRATCH,
+    TrainConfig,
+    add_config_arguments,
+    build_config,
+    config_from_args,
+    presets,
+)
+from rockcls.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,10 +68,12 @@ def test_unknown_parameter_is_named():
 def test_yaml_then_command_line_layering(tmp_path):
     path = tmp_path / "my.yaml"
     path.write_text(yaml.safe_dump({"lr": 1e-3, "epochs": 4, "backbone": "test_vit"}))
-    cfg = build_config(TrainConfig, {"config": str(path), "epochs": "7", "backbone": "davit_base"})
+    cfg = build_config(TrainConfig, {"config": str(path), "epochs": "7", "backbone": ""})
     assert cfg.lr == 1e-3            # from the file
     assert cfg.epochs == 7           # the command line wins
-    assert cfg.backbone == "test_vit"  # a value equal to the default (as mlflow run passes) does not mask the file
+    assert cfg.backbone == "test_vit"  # empty = not given (what mlflow run passes for an unset -P)
+    # a value given on the command line wins even when it equals the built-in default
+    assert build_config(TrainConfig, {"config": str(path), "backbone": "davit_base"}).backbone == "davit_base"
 
 
 def test_yaml_errors_name_the_file_and_key(tmp_path):
@@ -85,19 +94,13 @@ def test_cli_accepts_dashes_and_underscores():
     assert (a.hn_ratio, a.img_size) == (0.3, 64)
 
 
-def test_mlproject_train_defaults_match_the_config():
+def test_mlproject_train_parameters_are_the_config_fields_and_empty_means_not_given():
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
-    cfg = build_config(TrainConfig, {k: v["default"] for k, v in spec["parameters"].items()})
-    assert cfg == TrainConfig()
-    # `experiment` comes from `mlflow run --experiment-name`: a parameter for it could not take effect
     assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)} - {"experiment"}
+    assert {p["default"] for p in spec["parameters"].values()} == {""}
+    assert build_config(TrainConfig, {k: v["default"] for k, v in spec["parameters"].items()}) == TrainConfig()
     for name in spec["parameters"]:
         assert f"{{{name}}}" in spec["command"]
-
-
-def test_no_mlproject_entry_point_takes_an_experiment_parameter():
-    for name, spec in yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items():
-        assert "experiment" not in spec["parameters"] and "--experiment" not in spec["command"], name
 
 
 def test_conda_env_lists_the_package_dependencies():

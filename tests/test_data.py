@@ -14,11 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import rockcls.data as data
-from rockcls.data import (FileSource, ImageDataset, file_fingerprint, index_dataset, list_files, make_folds,
-                          load_image, open_source, to_chw_tensor, validate_images)
-from rockcls.errors import ConfigError, DataError
-from rockcls.synthetic import EPS_BYTES, make_image, png_header_only
+from rockcls.core.errors import ConfigError, DataError
+from rockcls.data import images as data
+from rockcls.data.images import load_image, to_chw_tensor
+from rockcls.data.index import file_fingerprint, index_dataset, list_files, make_folds
+from rockcls.data.sources import FileSource, ImageDataset, open_source, validate_images
+from rockcls.data.synthetic import EPS_BYTES, make_image, png_header_only
 from tests.conftest import wait_for_a_new_timestamp_tick
 
 
@@ -166,7 +167,7 @@ def test_skipping_bad_images_still_reports_the_other_problems(two_classes, tmp_p
 
 
 def test_training_lists_the_data_problems_in_its_output_dir(two_classes, tmp_path):
-    from rockcls.train import load_dataset
+    from rockcls.training.trainer import load_dataset
     from tests.conftest import tiny_config
 
     (two_classes / "marble").mkdir()

@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from rockcls.transforms import (build_eval_transform, build_train_transform, IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, DeviceAugmentSpec,
-                                build_device_augment, dihedral, normalize)
+from rockcls.training.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DeviceAugment,
+    DeviceAugmentSpec,
+    build_device_augment,
+    build_eval_transform,
+    build_train_transform,
+    dihedral,
+    normalize,
+)
 
 
 @pytest.fixture
@@ -164,7 +173,7 @@ def test_dihedral_presets_squash_for_evaluation_and_draw_every_view_in_training(
 
 
 def test_tta_choices_of_the_config_are_the_views_prediction_knows():
-    from rockcls.config import TTA_MODES
-    from rockcls.transforms import TTA_VIEWS
+    from rockcls.core.config import TTA_MODES
+    from rockcls.training.transforms import TTA_VIEWS
 
     assert set(TTA_MODES) == set(TTA_VIEWS)

@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from rockcls.engine import NonFiniteLoss, StepSettings, cosine_with_warmup, train_one_epoch
-from rockcls.sampling import HardNegativeMemory
+from rockcls.training.engine import (
+    NonFiniteLoss,
+    StepSettings,
+    cosine_with_warmup,
+    train_one_epoch,
+)
+from rockcls.training.sampling import HardNegativeMemory
 
 SETTINGS = StepSettings(device=torch.device("cpu"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                         accumulation_steps=2)

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rockcls import ensemble
-from rockcls.errors import RockclsError
-from rockcls.metrics import macro_f1
-from rockcls.train import run_training
+from rockcls.commands import ensemble as ensemble_cmd
+from rockcls.core import errors as ensemble_errors
+from rockcls.core.errors import RockclsError
+from rockcls.core.metrics import macro_f1
+from rockcls.runs import ensemble
+from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
 CLASSES = ["a", "b", "c", "d"]
@@ -199,7 +201,7 @@ def test_members_on_the_same_split_load_with_their_oof_logits(runs) -> None:
 
 def test_duplicate_or_non_train_members_are_refused(runs) -> None:
     a, _, _ = runs
-    with pytest.raises(ensemble.ConfigError, match=f"runs: run {a} given more than once"):
+    with pytest.raises(ensemble_errors.ConfigError, match=f"runs: run {a} given more than once"):
         ensemble.load_members([a, a])
     fold_run = MlflowClient().search_runs([MlflowClient().get_run(a).info.experiment_id],
                                           filter_string=f"tags.`mlflow.parentRunId` = '{a}'")[0].info.run_id
@@ -224,7 +226,7 @@ def test_top_runs_rank_completed_train_runs_of_the_best_split(runs) -> None:
 
 def test_ensemble_command_logs_weights_bias_scores_and_confusion_matrix(runs, capsys) -> None:
     a, b, _ = runs
-    assert ensemble.main(["--runs", f"{a}, {b}", "--bias", "true", "--seed", "1"]) == 0
+    assert ensemble_cmd.main(["--runs", f"{a}, {b}", "--bias", "true", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "cross-fitted over 2 groups" in out and "equal weights" in out and "honest" in out
     client = MlflowClient()
@@ -261,4 +263,4 @@ def test_members_tta_is_their_common_views_else_none() -> None:
 def test_ensemble_command_refuses_a_mixed_split(runs) -> None:
     a, _, c = runs
     with pytest.raises(RockclsError, match="does not share the split"):
-        ensemble.main(["--runs", f"{a},{c}"])
+        ensemble_cmd.main(["--runs", f"{a},{c}"])

@@ -12,15 +12,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rockcls import predict
-from rockcls.cli import run_command
-from rockcls.data import FileSource, ImageDataset
-from rockcls.engine import StepSettings, evaluate
-from rockcls.errors import DataError
-from rockcls.models import build_model, model_spec
-from rockcls.synthetic import make_image
-from rockcls.train import run_training
-from rockcls.transforms import build_eval_transform, dihedral
+from rockcls.commands import predict as predict_cmd
+from rockcls.core import errors as predict_errors
+from rockcls.core.entry import run_command
+from rockcls.core.errors import DataError
+from rockcls.data.sources import FileSource, ImageDataset
+from rockcls.data.synthetic import make_image
+from rockcls.inference import predictor as predict
+from rockcls.training import transforms as predict_transforms
+from rockcls.training.engine import StepSettings, evaluate
+from rockcls.training.models import build_model, model_spec
+from rockcls.training.trainer import run_training
+from rockcls.training.transforms import build_eval_transform, dihedral
 from tests.conftest import tiny_config
 
 CLASSES = ["a", "b", "c"]
@@ -60,7 +63,7 @@ def _square_images(n: int, size: int = 32) -> list[np.ndarray]:
 def test_tta_views_are_exact_pixel_permutations() -> None:
     x = torch.randperm(2 * 3 * 6 * 6).view(2, 3, 6, 6)
     outputs = []
-    for view in predict.TTA_VIEWS["d4"]:
+    for view in predict_transforms.TTA_VIEWS["d4"]:
         y = dihedral(x, view)
         assert y.shape == x.shape
         for plane_in, plane_out in zip(x.flatten(0, 1), y.flatten(0, 1)):  # each channel keeps its pixels
@@ -68,9 +71,9 @@ def test_tta_views_are_exact_pixel_permutations() -> None:
         outputs.append(y)
     assert len({tuple(y.flatten().tolist()) for y in outputs}) == 8  # 8 distinct views
     assert torch.equal(outputs[0], x)
-    flips = [dihedral(x, v) for v in predict.TTA_VIEWS["flip"]]
+    flips = [dihedral(x, v) for v in predict_transforms.TTA_VIEWS["flip"]]
     assert [torch.equal(a, b) for a, b in zip(flips, [x, x.flip(-1), x.flip(-2)])] == [True, True, True]
-    assert predict.TTA_VIEWS["none"] == (0,)
+    assert predict_transforms.TTA_VIEWS["none"] == (0,)
 
 
 def test_identity_view_reproduces_plain_prediction(tmp_path, random_model) -> None:
@@ -103,7 +106,7 @@ def test_d4_prediction_is_invariant_to_rotating_and_flipping_the_image(tmp_path,
 
 
 def test_unknown_tta_is_refused(random_model) -> None:
-    with pytest.raises(predict.ConfigError, match="tta: must be one of none, flip, d4; got 'd8'"):
+    with pytest.raises(predict_errors.ConfigError, match="tta: must be one of none, flip, d4; got 'd8'"):
         predict.predict_logits([random_model], FileSource([]), tta="d8")
 
 
@@ -128,7 +131,7 @@ def test_unreadable_rows_get_nan_scores_and_a_reason(tmp_path, random_model) -> 
 
 
 def test_train_run_predicts_with_the_mean_of_its_fold_models(train_run, synthetic_dir) -> None:
-    predictor = predict.load_predictor(f"runs:/{train_run.run_id}")
+    predictor = predict_cmd.load_predictor(f"runs:/{train_run.run_id}")
     assert len(predictor.models) == 2 and predictor.classes == train_run.classes
     paths = sorted(str(p) for p in synthetic_dir.rglob("*.png"))[::9]
     pred = predictor.predict(paths, tta="flip", batch_size=4, device="cpu")
@@ -143,7 +146,7 @@ def test_predict_command_writes_submission_logits_and_a_predict_run(train_run, s
     rows = [(f"T{i:03d}", str(p)) for i, p in enumerate(images)] + [("TBAD", "broken.png")]
     pd.DataFrame(rows, columns=["ID", "img_path"]).to_csv(store / "test.csv", index=False)
     with caplog.at_level(logging.WARNING, logger="rockcls"):
-        assert predict.main(["--model", f"runs:/{train_run.run_id}", "--data", str(store / "test.csv"),
+        assert predict_cmd.main(["--model", f"runs:/{train_run.run_id}", "--data", str(store / "test.csv"),
                              "--out", "sub/submission.csv", "--tta", "d4", "--num-workers", "0"]) == 0
     sub = pd.read_csv(store / "sub" / "submission.csv", keep_default_na=False)
     assert list(sub.columns) == ["ID", "rock_type", "error"]
@@ -164,7 +167,7 @@ def test_predict_command_writes_submission_logits_and_a_predict_run(train_run, s
 
 def test_predict_command_on_a_folder_with_custom_columns(train_run, tmp_path) -> None:
     _write_images(tmp_path / "imgs", _square_images(3, size=40))
-    assert predict.main(["--model", train_run.run_id, "--data", str(tmp_path / "imgs"), "--out",
+    assert predict_cmd.main(["--model", train_run.run_id, "--data", str(tmp_path / "imgs"), "--out",
                          str(tmp_path / "out.csv"), "--id_column", "file", "--label_column", "label",
                          "--num-workers", "0"]) == 0
     sub = pd.read_csv(tmp_path / "out.csv")
@@ -176,7 +179,7 @@ def test_no_readable_image_is_a_clear_failure(train_run, tmp_path) -> None:
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "x.png").write_bytes(b"nope")
     with pytest.raises(DataError, match=r"none of the 1 image\(s\) could be read; first: .*x.png"):
-        predict.main(["--model", train_run.run_id, "--data", str(tmp_path / "imgs"),
+        predict_cmd.main(["--model", train_run.run_id, "--data", str(tmp_path / "imgs"),
                       "--out", str(tmp_path / "o.csv"), "--num-workers", "0"])
 
 
@@ -186,7 +189,7 @@ def test_no_readable_image_is_a_clear_failure(train_run, tmp_path) -> None:
     ("", "model: required"),
 ])
 def test_bad_model_references_end_as_one_line_errors(train_run, synthetic_dir, capsys, model, message) -> None:
-    rc = run_command(predict.main, ["--model", model, "--data", str(synthetic_dir)])
+    rc = run_command(predict_cmd.main, ["--model", model, "--data", str(synthetic_dir)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("rockcls: error: ") and message in err and "\n" not in err
 
@@ -195,10 +198,10 @@ def test_a_fold_run_is_not_a_model(train_run, synthetic_dir) -> None:
     fold = MlflowClient().search_runs(
         [MlflowClient().get_run(train_run.run_id).info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{train_run.run_id}'")[0]
-    with pytest.raises(predict.RockclsError, match=f"run {fold.info.run_id} is a fold run, not a train run"):
-        predict.load_predictor(fold.info.run_id)
+    with pytest.raises(predict_errors.RockclsError, match=f"run {fold.info.run_id} is a fold run, not a train run"):
+        predict_cmd.load_predictor(fold.info.run_id)
 
 
 def test_bad_tta_parameter_is_a_config_error(train_run, synthetic_dir) -> None:
-    with pytest.raises(predict.ConfigError, match="tta: must be one of auto, none, flip, d4; got 'rot'"):
-        predict.main(["--model", train_run.run_id, "--data", str(synthetic_dir), "--tta", "rot"])
+    with pytest.raises(predict_errors.ConfigError, match="tta: must be one of auto, none, flip, d4; got 'rot'"):
+        predict_cmd.main(["--model", train_run.run_id, "--data", str(synthetic_dir), "--tta", "rot"])

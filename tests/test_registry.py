@@ -17,9 +17,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rockcls import ensemble, predict, registry
-from rockcls.synthetic import EPS_BYTES, png_header_only
-from rockcls.train import run_training
+from rockcls.commands import predict
+from rockcls.core import errors as registry_errors
+from rockcls.core import names
+from rockcls.data.synthetic import EPS_BYTES, png_header_only
+from rockcls.runs import ensemble, registry
+from rockcls.runs import lookup as predict_lookup
+from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
 NAME = "rockcls-test"
@@ -57,10 +61,10 @@ def test_first_registration_becomes_champion_and_keeps_its_score(registered) -> 
     assert reg.version == "1" and reg.champion and reg.reason == "first champion"
     mv = MlflowClient().get_model_version_by_alias(NAME, "champion")
     assert str(mv.version) == "1"
-    assert float(mv.tags[registry.SCORE_TAG]) == fit.crossfit_score
+    assert float(mv.tags[names.SCORE]) == fit.crossfit_score
     assert mv.tags["rockcls.members"] == ",".join(fit.run_ids) and mv.tags["rockcls.ensemble_run"] == run_id
     tags = MlflowClient().get_run(run_id).data.tags
-    assert tags["rockcls.model_version"] == "1" and tags[registry.MODEL_URI_TAG].startswith("models:/")
+    assert tags["rockcls.model_version"] == "1" and tags[names.MODEL_URI].startswith("models:/")
 
 
 def test_load_by_alias_predicts_paths_with_the_fitted_weights_and_bias(registered, images) -> None:
@@ -72,7 +76,7 @@ def test_load_by_alias_predicts_paths_with_the_fitted_weights_and_bias(registere
     assert (out["error"] == "").all()
     np.testing.assert_allclose(out[prob_cols].sum(axis=1), 1.0, atol=1e-6)
     # the same rule by hand from the two train runs: softmax(log(sum_m w_m p_m) + b), with d4 TTA
-    member_probs = [predict.load_run_predictor(r).predict(images, tta="d4", device="cpu").probs for r in fit.run_ids]
+    member_probs = [predict_lookup.load_run_predictor(r).predict(images, tta="d4", device="cpu").probs for r in fit.run_ids]
     scores = np.log(0.7 * member_probs[0] + 0.3 * member_probs[1]) + fit.bias
     expected = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
     np.testing.assert_allclose(out[prob_cols].to_numpy(), expected, atol=1e-5)
@@ -259,7 +263,7 @@ def test_champion_alias_moves_only_on_improvement_or_force(registered) -> None:
     source = client.get_model_version(NAME, reg.version).source
 
     def new_version(score: float | None) -> str:
-        tags = {} if score is None else {registry.SCORE_TAG: repr(score)}
+        tags = {} if score is None else {names.SCORE: repr(score)}
         return str(mlflow.register_model(source, NAME, tags=tags).version)
 
     def champion() -> str:
@@ -278,7 +282,7 @@ def test_champion_alias_moves_only_on_improvement_or_force(registered) -> None:
     moved, reason = registry.update_champion(NAME, better, fit.score + 0.1)
     assert not moved and "has no rockcls.macro_f1 tag" in reason and champion() == unscored
     for v in (worse, tie, better):  # every version keeps its score
-        assert registry.SCORE_TAG in client.get_model_version(NAME, v).tags
+        assert names.SCORE in client.get_model_version(NAME, v).tags
     client.set_registered_model_alias(NAME, "champion", "1")
 
 
@@ -313,5 +317,5 @@ def test_predict_command_with_a_registered_model_uses_its_tta(registered, images
 
 
 def test_unknown_registered_model_is_a_one_line_error(registered, images) -> None:
-    with pytest.raises(registry.RockclsError, match="model: cannot load models:/nope@champion"):
+    with pytest.raises(registry_errors.RockclsError, match="model: cannot load models:/nope@champion"):
         predict.load_predictor("models:/nope@champion")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from rockcls.sampling import HardNegativeMemory, MixtureBatchSampler
+from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
 
 
 def _effective_batches(sampler: MixtureBatchSampler) -> list[list[int]]:

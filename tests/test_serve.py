@@ -17,9 +17,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from rockcls import ensemble, registry, tracking
-from rockcls.synthetic import EPS_BYTES, png_header_only
-from rockcls.train import run_training
+from rockcls.core import tracking
+from rockcls.data.synthetic import EPS_BYTES, png_header_only
+from rockcls.runs import ensemble, registry
+from rockcls.training.trainer import run_training
 from tests.conftest import stop_group, tiny_config
 
 NAME = "rockcls-serve"

@@ -11,9 +11,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from rockcls import ensemble, predict, tracking
-from rockcls.errors import ConfigError
-from rockcls.train import run_training
+from rockcls.commands import ensemble as ensemble_cmd
+from rockcls.commands import predict
+from rockcls.core import errors as tracking_errors
+from rockcls.core import names, tracking
+from rockcls.core.errors import ConfigError
+from rockcls.runs import ensemble
+from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
 NAME = "rockcls-ui"
@@ -25,7 +29,7 @@ def test_experiment_is_the_option_else_rockcls(mlflow_store) -> None:
     client = MlflowClient()
     assert client.get_experiment(tracking.experiment_id("")).name == "rockcls"
     assert client.get_experiment(tracking.experiment_id("mine")).name == "mine"
-    assert tracking.NOTE in client.get_experiment_by_name("mine").tags  # described when rockcls creates it
+    assert names.NOTE in client.get_experiment_by_name("mine").tags  # described when rockcls creates it
 
 
 def test_experiment_chosen_by_mlflow_run_wins_and_a_conflicting_option_is_refused(mlflow_store, monkeypatch) -> None:
@@ -46,8 +50,8 @@ def test_experiment_made_by_mlflow_run_gets_a_description_but_default_is_left_al
     for exp_id in (named, "0"):
         monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
         assert tracking.experiment_id("") == exp_id
-    assert client.get_experiment(named).tags[tracking.NOTE] == tracking.EXPERIMENT_NOTE
-    assert tracking.NOTE not in client.get_experiment("0").tags
+    assert client.get_experiment(named).tags[names.NOTE] == tracking.EXPERIMENT_NOTE
+    assert names.NOTE not in client.get_experiment("0").tags
 
 
 def test_mlflow_experiment_name_variable_wins_over_the_default(mlflow_store, monkeypatch) -> None:
@@ -58,11 +62,11 @@ def test_mlflow_experiment_name_variable_wins_over_the_default(mlflow_store, mon
 
 
 def test_searching_a_missing_experiment_does_not_create_it(mlflow_store) -> None:
-    with pytest.raises(tracking.RockclsError, match="experiment 'nowhere' not found"):
+    with pytest.raises(tracking_errors.RockclsError, match="experiment 'nowhere' not found"):
         ensemble.top_runs("nowhere", 2)
     assert MlflowClient().get_experiment_by_name("nowhere") is None
     tracking.experiment_id("")
-    with pytest.raises(tracking.RockclsError, match="experiment 'rockcls' has no completed train run"):
+    with pytest.raises(tracking_errors.RockclsError, match="experiment 'rockcls' has no completed train run"):
         ensemble.top_runs("", 2)  # the error names the experiment searched, not the empty option
 
 
@@ -74,7 +78,7 @@ def workflow(store, synthetic_dir):
     tracking.set_program("rockcls test")
     a = run_training(tiny_config(synthetic_dir, epochs=1))
     b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3, backbone="test_vit"))
-    assert ensemble.main(["--runs", f"{a.run_id},{b.run_id}", "--register", NAME]) == 0
+    assert ensemble_cmd.main(["--runs", f"{a.run_id},{b.run_id}", "--register", NAME]) == 0
     images = sorted(synthetic_dir.rglob("*.png"))[::12]
     pd.DataFrame({"img_path": [str(p) for p in images]}).to_csv(store / "ui.csv", index=False)
     assert predict.main(["--model", f"models:/{NAME}@champion", "--data", str(store / "ui.csv"),
@@ -97,7 +101,7 @@ def test_every_run_and_the_logged_model_are_in_one_experiment(workflow) -> None:
     default = client.get_experiment_by_name("Default")
     assert client.search_runs([default.experiment_id]) == []
     assert client.search_logged_models([default.experiment_id]) == []
-    assert tracking.NOTE in exp.tags
+    assert names.NOTE in exp.tags
 
 
 def test_runs_carry_user_and_source_tags(workflow) -> None:
@@ -109,12 +113,12 @@ def test_runs_carry_user_and_source_tags(workflow) -> None:
 
 def test_train_run_description_has_its_score_and_the_command_that_repeats_it(workflow) -> None:
     for run in runs_of(workflow, "train"):
-        note = run.data.tags[tracking.NOTE]
+        note = run.data.tags[names.NOTE]
         assert f"**cv_macro_f1 {run.data.metrics['cv_macro_f1']:.4f}**" in note
         assert f"python -m rockcls train --data {workflow['data']} --backbone {run.data.params['backbone']} " in note
         assert "--no-pretrained" in note and "--img-size 32" in note
     for run in runs_of(workflow, "fold"):
-        assert "OOF macro-F1" in run.data.tags[tracking.NOTE]
+        assert "OOF macro-F1" in run.data.tags[names.NOTE]
 
 
 def test_train_and_fold_runs_have_the_dataset_as_input(workflow) -> None:
@@ -131,7 +135,7 @@ def test_ensemble_run_is_named_by_its_members_and_logs_its_model_in_its_experime
     client, exp = workflow["client"], workflow["exp"]
     (run,) = runs_of(workflow, "ensemble")
     assert re.fullmatch(r"ensemble-2-[0-9a-f]{6}", run.info.run_name)
-    note = run.data.tags[tracking.NOTE]
+    note = run.data.tags[names.NOTE]
     assert f"**Honest macro-F1 {run.data.metrics['ensemble_macro_f1']:.4f}**" in note
     assert "python -m rockcls ensemble --runs" in note and f"registered as `{NAME}` version 1" in note
     assert [i.dataset.name for i in run.inputs.dataset_inputs] == [
@@ -148,7 +152,7 @@ def test_ensemble_run_is_named_by_its_members_and_logs_its_model_in_its_experime
 
 def test_predict_run_describes_its_input_and_model(workflow) -> None:
     (run,) = runs_of(workflow, "predict")
-    note = run.data.tags[tracking.NOTE]
+    note = run.data.tags[names.NOTE]
     assert note.startswith("**Predictions** of") and f"models:/{NAME}@champion" in note
     (entry,) = run.inputs.dataset_inputs
     assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == "inference"

@@ -11,13 +11,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from rockcls import checkpoint, tracking
-from rockcls import train as train_mod
-from rockcls.checkpoint import load_checkpoint
-from rockcls.errors import ConfigError, DataError, RockclsError
-from rockcls.models import build_model_from_spec
-from rockcls.synthetic import make_dataset
-from rockcls.train import run_training
+from rockcls.core import tracking
+from rockcls.core.errors import ConfigError, DataError, RockclsError
+from rockcls.data.synthetic import make_dataset
+from rockcls.training import checkpoint
+from rockcls.training import trainer as train_mod
+from rockcls.training.checkpoint import load_checkpoint
+from rockcls.training.models import build_model_from_spec
+from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_macro_f1", "lr")
@@ -104,8 +105,9 @@ def test_a_fold_keeps_the_last_epoch_or_the_best_when_asked(mlflow_store, synthe
 
 
 def test_oof_predictions_use_the_requested_views_and_predict_uses_them_too(mlflow_store, synthetic_dir):
-    from rockcls.data import FileSource
-    from rockcls.predict import load_run_predictor, predict_logits
+    from rockcls.data.sources import FileSource
+    from rockcls.inference.predictor import predict_logits
+    from rockcls.runs.lookup import load_run_predictor
 
     result = run_training(tiny_config(synthetic_dir, folds=2, epochs=1, tta="d4", cache=False, hn_ratio=0.0))
     predictor = load_run_predictor(result.run_id)
@@ -242,7 +244,7 @@ def test_failed_npz_write_leaves_neither_file_nor_temp_file(tmp_path, monkeypatc
 
 
 def test_resume_refuses_a_finished_run(mlflow_store, synthetic_dir):
-    from rockcls.errors import RockclsError
+    from rockcls.core.errors import RockclsError
 
     result = run_training(tiny_config(synthetic_dir, folds=1, epochs=1))
     with pytest.raises(RockclsError, match="already finished"):

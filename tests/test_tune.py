@@ -18,18 +18,17 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from rockcls import secrets
 from rockcls import study as study_mod
-from rockcls import train as training
-from rockcls.cli import run_command
-from rockcls.config import build_config
-from rockcls.errors import ConfigError
-from rockcls.synthetic import make_dataset
+from rockcls.core import secrets
+from rockcls.core.config import build_config
+from rockcls.core.entry import run_command
+from rockcls.core.errors import ConfigError
+from rockcls.data.synthetic import make_dataset
+from rockcls.training import trainer as training
 from tests import postgres
 from tests.conftest import stop_group, use_store
 

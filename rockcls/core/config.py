@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rockcls.errors import ConfigError
+from rockcls.core.errors import ConfigError
 
 AUGMENTS = ("none", "d4", "crop", "light", "seed", "winner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -33,7 +33,7 @@ _TRUE = {"1", "true", "yes", "y", "on"}
 _FALSE = {"0", "false", "no", "n", "off"}
 
 
-def _opt(default: Any, help: str, **checks: Any) -> Any:
+def option(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -41,46 +41,46 @@ def _opt(default: Any, help: str, **checks: Any) -> Any:
 class TrainConfig:
     """Everything a training run needs. Field metadata holds help text and value checks."""
 
-    data: str = _opt("", "folder with one sub-folder per class, or a CSV with img_path,label")
-    backbone: str = _opt("davit_base", "timm model name")
-    pretrained: bool = _opt(True, "load pretrained weights (timm / Hugging Face hub)")
-    pretrained_path: str = _opt("", "local weights file (.pth/.safetensors) instead of the hub")
-    img_size: int = _opt(224, "training and evaluation resolution (pixels)", min=16)
-    folds: int = _opt(5, "stratified folds; 1 = one holdout split of val_fraction", min=1)
-    val_fraction: float = _opt(0.2, "validation share when folds=1", gt=0.0, lt=1.0)
-    epochs: int = _opt(18, "epochs per fold", min=1)
-    batch_size: int = _opt(32, "micro-batch size", min=1)
-    accumulation_steps: int = _opt(1, "micro-batches per optimizer step", min=1)
-    lr: float = _opt(0.0, "peak learning rate; 0 = auto: 2e-3 from random initialisation, 5e-4 from "
+    data: str = option("", "folder with one sub-folder per class, or a CSV with img_path,label")
+    backbone: str = option("davit_base", "timm model name")
+    pretrained: bool = option(True, "load pretrained weights (timm / Hugging Face hub)")
+    pretrained_path: str = option("", "local weights file (.pth/.safetensors) instead of the hub")
+    img_size: int = option(224, "training and evaluation resolution (pixels)", min=16)
+    folds: int = option(5, "stratified folds; 1 = one holdout split of val_fraction", min=1)
+    val_fraction: float = option(0.2, "validation share when folds=1", gt=0.0, lt=1.0)
+    epochs: int = option(18, "epochs per fold", min=1)
+    batch_size: int = option(32, "micro-batch size", min=1)
+    accumulation_steps: int = option(1, "micro-batches per optimizer step", min=1)
+    lr: float = option(0.0, "peak learning rate; 0 = auto: 2e-3 from random initialisation, 5e-4 from "
                           "pretrained weights", min=0.0)
-    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
-    weight_decay: float = _opt(0.01, "weight decay", min=0.0)
-    warmup_epochs: float = _opt(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)
-    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy", min=0.0, lt=1.0)
-    hn_ratio: float = _opt(0.0, "share of each effective batch from the hard-negative memory", min=0.0, max=1.0)
-    hn_memory: int = _opt(1000, "hard-negative memory size (samples)", min=0)
-    balanced_ratio: float = _opt(0.0, "share of the rest drawn class-balanced (rest: uniform)", min=0.0, max=1.0)
-    augment: str = _opt("d4", "augmentation preset", choices=AUGMENTS)
-    amp: str = _opt("auto", "autocast on GPU: auto (bf16 if supported), bf16, fp16, off", choices=AMP_MODES)
-    ema: float = _opt(0.0, "EMA decay of weights, evaluated instead of the raw model; 0 = off", min=0.0, lt=1.0)
-    early_stop: int = _opt(0, "stop a fold after this many epochs without val macro-F1 gain; 0 = off", min=0)
-    select: str = _opt("last", "weights each fold keeps: last (its OOF score is unbiased) or best "
+    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = option(0.01, "weight decay", min=0.0)
+    warmup_epochs: float = option(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0.0, lt=1.0)
+    hn_ratio: float = option(0.0, "share of each effective batch from the hard-negative memory", min=0.0, max=1.0)
+    hn_memory: int = option(1000, "hard-negative memory size (samples)", min=0)
+    balanced_ratio: float = option(0.0, "share of the rest drawn class-balanced (rest: uniform)", min=0.0, max=1.0)
+    augment: str = option("d4", "augmentation preset", choices=AUGMENTS)
+    amp: str = option("auto", "autocast on GPU: auto (bf16 if supported), bf16, fp16, off", choices=AMP_MODES)
+    ema: float = option(0.0, "EMA decay of weights, evaluated instead of the raw model; 0 = off", min=0.0, lt=1.0)
+    early_stop: int = option(0, "stop a fold after this many epochs without val macro-F1 gain; 0 = off", min=0)
+    select: str = option("last", "weights each fold keeps: last (its OOF score is unbiased) or best "
                                "(highest val macro-F1 epoch; that OOF score is optimistic)", choices=SELECT_MODES)
-    tta: str = _opt("d4", "test-time views of the out-of-fold predictions: none, flip, d4 "
+    tta: str = option("d4", "test-time views of the out-of-fold predictions: none, flip, d4 "
                             "(predict uses the same by default)", choices=TTA_MODES)
-    grad_clip: float = _opt(0.0, "gradient-norm clipping; 0 = off", min=0.0)
-    num_workers: int = _opt(2, "DataLoader worker processes", min=0)
-    device: str = _opt("auto", "auto, cpu, cuda, cuda:N or mps")
-    seed: int = _opt(42, "seed of initialisation, sampling and augmentation", min=0)
-    split_seed: int = _opt(42, "seed of the fold split (members of one ensemble share it)", min=0)
-    experiment: str = _opt("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")
-    skip_bad_images: bool = _opt(False, "warn and skip unreadable images instead of failing")
-    cache: bool = _opt(True, "decode images once into a resized uint8 cache shared by runs")
-    cache_size: int = _opt(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
-    cache_dir: str = _opt("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
-    output_dir: str = _opt("outputs", "local folder for checkpoints being written (resume reads it)")
-    resume: str = _opt("", "parent run id of an interrupted train run to continue")
-    config: str = _opt("", "YAML file with any of these keys, or a packaged preset name (seed)")
+    grad_clip: float = option(0.0, "gradient-norm clipping; 0 = off", min=0.0)
+    num_workers: int = option(2, "DataLoader worker processes", min=0)
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    seed: int = option(42, "seed of initialisation, sampling and augmentation", min=0)
+    split_seed: int = option(42, "seed of the fold split (members of one ensemble share it)", min=0)
+    experiment: str = option("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")
+    skip_bad_images: bool = option(False, "warn and skip unreadable images instead of failing")
+    cache: bool = option(True, "decode images once into a resized uint8 cache shared by runs")
+    cache_size: int = option(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
+    cache_dir: str = option("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
+    output_dir: str = option("outputs", "local folder for checkpoints being written (resume reads it)")
+    resume: str = option("", "parent run id of an interrupted train run to continue")
+    config: str = option("", "YAML file with any of these keys, or a packaged preset name (seed)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,7 +96,7 @@ class TrainConfig:
 C = TypeVar("C")
 
 
-def _field_map(cls: type) -> dict[str, dataclasses.Field]:
+def field_map(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in fields(cls)}
 
 
@@ -140,12 +140,12 @@ def check_value(name: str, value: Any, meta: dict[str, Any]) -> None:
             raise ConfigError(f"{name}: must be {sym} {meta[key]}, got {value!r}")
 
 
-def _field_type(f: dataclasses.Field) -> type:
+def field_type(f: dataclasses.Field) -> type:
     names = {"int": int, "float": float, "bool": bool, "str": str}
     return names[f.type] if isinstance(f.type, str) else f.type
 
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # rockcls/presets
 
 
 def presets() -> list[str]:
@@ -171,8 +171,9 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def build_config(cls: type[C], overrides: dict[str, Any] | None = None) -> C:
     """Resolve defaults < YAML (``overrides['config']``) < overrides into a checked ``cls``."""
-    fmap = _field_map(cls)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fmap = field_map(cls)
+    # None or "" = not given: MLproject passes every parameter, and an unset one arrives empty.
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None and v != ""}
     unknown = sorted(set(overrides) - set(fmap))
     if unknown:
         raise ConfigError(f"unknown parameter {unknown[0]!r} (known: {', '.join(fmap)})")
@@ -183,13 +184,10 @@ def build_config(cls: type[C], overrides: dict[str, Any] | None = None) -> C:
         bad = sorted(set(from_yaml) - set(fmap) - {"config"})
         if bad:
             raise ConfigError(f"unknown parameter {bad[0]!r} in {config_path}")
-        values.update({k: coerce_value(k, v, _field_type(fmap[k])) for k, v in from_yaml.items()
+        values.update({k: coerce_value(k, v, field_type(fmap[k])) for k, v in from_yaml.items()
                        if k != "config"})
     for key, raw in overrides.items():
-        value = coerce_value(key, raw, _field_type(fmap[key]))
-        if key in values and value == fmap[key].default:
-            continue  # an MLproject default must not mask the YAML file
-        values[key] = value
+        values[key] = coerce_value(key, raw, field_type(fmap[key]))  # what is given wins over the file
     cfg = cls(**values)
     for f in fields(cls):
         check_value(f.name, getattr(cfg, f.name), dict(f.metadata))
@@ -206,7 +204,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field. Booleans are switches (``--flag`` true, ``--no-flag`` false) that also
     take a value (``--flag false``), because MLproject commands pass every value explicitly."""
     for f in fields(cls):
-        typ = _field_type(f)
+        typ = field_type(f)
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if typ is not bool:
             parser.add_argument(*_flags(f.name), dest=f.name, default=None, metavar=typ.__name__.upper(),

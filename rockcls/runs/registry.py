@@ -1,6 +1,6 @@
 """The registered ensemble: an MLflow pyfunc model that holds every member's fold checkpoints.
 
-MLflow model-registry and pyfunc calls live here (run tracking stays in `rockcls.tracking`). The
+MLflow model-registry and pyfunc calls live here (run tracking stays in `rockcls.core.tracking`). The
 model is logged as models-from-code (MLflow 3.17 refuses to unpickle a PythonModel by default)
 with the rockcls package as its code path, so ``mlflow.pyfunc.load_model("models:/NAME@champion")``
 and ``mlflow models serve`` need only the registry URI and the pinned pip requirements.
@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import cv2
 import mlflow
@@ -31,28 +31,28 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from packaging.version import Version
 
-from rockcls import tracking
-from rockcls.data import BytesSource, read_under_root
-from rockcls.errors import DataError, RockclsError
-from rockcls.predict import Predictor, download_run_checkpoints, load_models, tta_views
-
-if TYPE_CHECKING:
-    from rockcls.ensemble import EnsembleFit
+from rockcls.core import names, tracking
+from rockcls.core.errors import DataError, RockclsError
+from rockcls.data.images import read_under_root
+from rockcls.data.sources import BytesSource
+from rockcls.inference.predictor import Predictor, load_models
+from rockcls.runs.ensemble import EnsembleFit
+from rockcls.runs.lookup import download_run_checkpoints
+from rockcls.training.device import resolve_device
+from rockcls.training.transforms import tta_views
 
 log = logging.getLogger("rockcls")
 
 CHAMPION = "champion"
-SCORE_TAG = "rockcls.macro_f1"
-MODEL_URI_TAG = "rockcls.model_uri"
 PATH_COLUMN, B64_COLUMN = "img_path", "image_b64"
 DEFAULT_BATCH = 32
 # What `import rockcls.registry` pulls in, pinned to the installed versions (mlflow adds itself).
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "numpy",
                     "pandas", "pillow", "pyyaml", "scikit-learn", "tqdm")
-MODEL_CODE = '''"""MLflow models-from-code entry of a rockcls ensemble (written by rockcls.registry)."""
+MODEL_CODE = '''"""MLflow models-from-code entry of a rockcls ensemble (written by rockcls.runs.registry)."""
 from mlflow.models import set_model
 
-from rockcls.registry import RockclsModel
+from rockcls.runs.registry import RockclsModel
 
 set_model(RockclsModel())
 '''
@@ -236,8 +236,6 @@ class RockclsModel(mlflow.pyfunc.PythonModel):
 
 def build_predictor(manifest: dict[str, Any], artifacts: dict[str, str], device: str = "auto") -> Predictor:
     """Rebuild every member's fold models, each weighted by its member's weight / its fold count."""
-    from rockcls.train import resolve_device
-
     dev = resolve_device(device)
     models, weights = [], []
     for member in manifest["members"]:
@@ -313,7 +311,7 @@ def pack_ensemble(fit: EnsembleFit, tta: str, workdir: Path) -> tuple[dict[str, 
                 "bias": {c: float(v) for c, v in zip(fit.classes, fit.bias)},
                 "decision": "argmax(log(sum_m w_m mean_folds,views softmax) + bias)",
                 "scores": fit.to_dict()["scores"], "split": dict(fit.split)}
-    manifest_path = workdir / "ensemble.json"
+    manifest_path = workdir / names.ENSEMBLE_FILE
     manifest_path.write_text(json.dumps(manifest, indent=2))
     artifacts["ensemble"] = str(manifest_path)
     return manifest, artifacts
@@ -332,8 +330,8 @@ def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "
         name=name or fit.name, source_run_id=run_id, experiment_id=run.info.experiment_id,
         model_type="rockcls-ensemble", params=dict(run.data.params),
         # context tags first: the Models tab's "Logged from" names the command, not __main__.py
-        tags={**tracking.context_tags(), "rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy,
-              "rockcls.tta": tta})
+        tags={**tracking.context_tags(), names.MEMBERS: ",".join(fit.run_ids), names.STRATEGY: fit.strategy,
+              names.TTA: tta})
     with tempfile.TemporaryDirectory(prefix="rockcls-model-") as tmp:
         work = Path(tmp)
         _, artifacts = pack_ensemble(fit, tta, work)
@@ -368,13 +366,13 @@ def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "n
     """Log the ensemble as a pyfunc model, register a new version of ``name``, maybe move @champion."""
     info = log_ensemble_model(fit, run_id=run_id, tta=tta)
     # Full precision (repr): the champion comparison reads the score back from this tag.
-    tags = {SCORE_TAG: repr(float(fit.score)), "rockcls.insample_macro_f1": repr(float(fit.insample_score)),
-            "rockcls.equal_weight_macro_f1": repr(float(fit.equal_weight_score)), "rockcls.ensemble_run": run_id,
-            "rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy, "rockcls.tta": tta,
-            "rockcls.split_fingerprint": fit.split.get("rockcls.split_fingerprint", "")}
+    tags = {names.SCORE: repr(float(fit.score)), "rockcls.insample_macro_f1": repr(float(fit.insample_score)),
+            "rockcls.equal_weight_macro_f1": repr(float(fit.equal_weight_score)), names.ENSEMBLE_RUN: run_id,
+            names.MEMBERS: ",".join(fit.run_ids), names.STRATEGY: fit.strategy, names.TTA: tta,
+            names.SPLIT_FINGERPRINT: fit.split.get(names.SPLIT_FINGERPRINT, "")}
     version = mlflow.register_model(info.model_uri, name, tags=tags).version
     moved, reason = update_champion(name, str(version), fit.score, force=force)
-    tracking.set_tags(run_id, {MODEL_URI_TAG: info.model_uri, "rockcls.registered_model": name,
+    tracking.set_tags(run_id, {names.MODEL_URI: info.model_uri, "rockcls.registered_model": name,
                                "rockcls.model_version": str(version), "rockcls.champion": str(moved).lower()})
     reg = Registration(name, str(version), f"models:/{name}/{version}", fit.score, moved, reason)
     describe_registration(fit, reg, run_id=run_id, tta=tta)
@@ -393,7 +391,7 @@ def describe_registration(fit: EnsembleFit, reg: Registration, *, run_id: str, t
         f"{fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}. Made by ensemble run `{run_id}`."))
     if not client.get_registered_model(reg.name).description:
         client.update_registered_model(reg.name, description=MODEL_NOTE.format(name=reg.name))
-    note = tracking.get_run(run_id).data.tags.get(tracking.NOTE, "")
+    note = tracking.get_run(run_id).data.tags.get(names.NOTE, "")
     tracking.set_description(run_id, f"{note}\n\nLogged as model `{fit.name}` (this experiment's Models tab) and "
                                      f"registered as `{reg.name}` version {reg.version}: {state} ({reg.reason}).")
 
@@ -406,7 +404,7 @@ def champion_score(name: str) -> tuple[str | None, float | None]:
     except MlflowException:
         return None, None
     try:
-        return str(current.version), float(current.tags[SCORE_TAG])
+        return str(current.version), float(current.tags[names.SCORE])
     except (KeyError, ValueError):
         return str(current.version), None
 
@@ -419,7 +417,7 @@ def update_champion(name: str, version: str, score: float, *, force: bool = Fals
     elif force:
         reason = f"forced over version {old_version}"
     elif old_score is None:
-        return False, f"champion version {old_version} has no {SCORE_TAG} tag to compare; use force to replace it"
+        return False, f"champion version {old_version} has no {names.SCORE} tag to compare; use force to replace it"
     elif score > old_score:
         reason = f"beats version {old_version} ({score:.4f} > {old_score:.4f})"
     else:

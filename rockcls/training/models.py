@@ -9,10 +9,16 @@ from typing import Any
 import timm
 import torch
 
-from rockcls.errors import ConfigError
-from rockcls.transforms import IMAGENET_MEAN, IMAGENET_STD
-from rockcls.weights import (WeightReport, head_names, hub_offline, hub_reachable, load_weights_file,
-                             resolve_weights_file)
+from rockcls.core.errors import ConfigError
+from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rockcls.training.weights import (
+    WeightReport,
+    head_names,
+    hub_offline,
+    hub_reachable,
+    load_weights_file,
+    resolve_weights_file,
+)
 
 log = logging.getLogger("rockcls")
 

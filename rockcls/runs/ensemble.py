@@ -12,13 +12,10 @@ the ensemble is chosen among candidates by an honest score, and only a fitted ru
   grid, scored by cross-fitting (fitted on the other folds' OOF rows, scored on the held-out fold).
 
 The candidate with the best honest score wins; ties go to the simpler rule (the order above). So
-the registered ensemble never scores below equal weights or below its best member.
-"""
+the registered ensemble never scores below equal weights or below its best member."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -28,23 +25,27 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from rockcls import tracking
-from rockcls.config import EXPERIMENT_DEFAULT, _opt, add_config_arguments, command_flags, config_from_args
-from rockcls.errors import ConfigError, RockclsError
-from rockcls.metrics import confusion_figure, macro_f1, per_class_f1, softmax
-from rockcls.predict import TTA_VIEWS, check_train_run
-from rockcls.train import _safe
+from rockcls.core import names, tracking
+from rockcls.core.errors import ConfigError, RockclsError
+from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1, softmax
+from rockcls.runs.lookup import check_train_run
+from rockcls.training.trainer import safe_name
 
 log = logging.getLogger("rockcls")
 
+
 WEIGHT_GRID = np.linspace(0.0, 1.0, 11)
+
+
 BIAS_STEPS = 33
-SPLIT_TAGS = (("rockcls.data_fingerprint", "data fingerprint"), ("rockcls.split_seed", "split seed"),
-              ("rockcls.folds", "folds"), ("rockcls.split_fingerprint", "split fingerprint"))
+
+
+SPLIT_TAGS = ((names.DATA_FINGERPRINT, "data fingerprint"), (names.SPLIT_SEED, "split seed"),
+              (names.FOLDS, "folds"), (names.SPLIT_FINGERPRINT, "split fingerprint"))
+
+
 EPS = 1e-12
 
-
-# ---------------------------------------------------------------------------- members
 
 @dataclass
 class Member:
@@ -63,8 +64,8 @@ class Member:
 
 def load_member(run_id: str) -> Member:
     run = check_train_run(run_id)
-    with np.load(tracking.download(run_id, "oof_logits.npz"), allow_pickle=False) as z:
-        return Member(run_id, run.data.tags.get("mlflow.runName", run_id[:8]), z["ids"], z["labels"],
+    with np.load(tracking.download(run_id, names.OOF_LOGITS), allow_pickle=False) as z:
+        return Member(run_id, run.data.tags.get(names.RUN_NAME, run_id[:8]), z["ids"], z["labels"],
                       z["fold"], z["logits"].astype(np.float32), [str(c) for c in z["classes"]],
                       dict(run.data.tags), run.data.params.get("tta", "none"))
 
@@ -114,29 +115,27 @@ def top_runs(experiment: str, k: int, *, kind: str = "train", parent_run_id: str
     With ``same_split`` only runs sharing the best run's split qualify (others could not be
     ensembled with it); those left out are logged.
     """
-    filt = f"tags.`{tracking.KIND}` = '{kind}' and tags.`rockcls.complete` = 'true'"
+    filt = f"tags.`{names.KIND}` = '{kind}' and tags.`{names.COMPLETE}` = 'true'"
     if parent_run_id:
-        filt += f" and tags.`{tracking.PARENT}` = '{parent_run_id}'"
+        filt += f" and tags.`{names.PARENT}` = '{parent_run_id}'"
     runs = [r for r in tracking.search_runs(experiment, filt, order_by=["metrics.cv_macro_f1 DESC"])
             if "cv_macro_f1" in r.data.metrics]
     if not runs:
         name = tracking.experiment_name(tracking.experiment_id(experiment, create=False))  # "" names no one
         raise RockclsError(f"experiment {name!r} has no completed {kind} run with cv_macro_f1")
     if same_split:
-        split = runs[0].data.tags.get("rockcls.split_fingerprint")
-        other = [r.info.run_id for r in runs if r.data.tags.get("rockcls.split_fingerprint") != split]
+        split = runs[0].data.tags.get(names.SPLIT_FINGERPRINT)
+        other = [r.info.run_id for r in runs if r.data.tags.get(names.SPLIT_FINGERPRINT) != split]
         if other:
             log.info("top runs: %d run(s) on another split than the best run %s left out (%s)",
                      len(other), runs[0].info.run_id, ", ".join(other[:5]))
-        runs = [r for r in runs if r.data.tags.get("rockcls.split_fingerprint") == split]
+        runs = [r for r in runs if r.data.tags.get(names.SPLIT_FINGERPRINT) == split]
     return [r.info.run_id for r in runs[:k]]
 
 
-# ---------------------------------------------------------------------------- the search
-
 def fast_macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
     """Macro-F1 over all classes (0 for a class never seen nor predicted), like
-    `rockcls.metrics.macro_f1` but from one bincount: the search calls it thousands of times."""
+    `rockcls.core.metrics.macro_f1` but from one bincount: the search calls it thousands of times."""
     cm = np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes)
     cm = cm.reshape(num_classes, num_classes)
     tp = np.diag(cm).astype(np.float64)
@@ -382,8 +381,6 @@ def fit_ensemble(members: Sequence[Member], *, bias: bool = True, seed: int = 0)
                        {c.name: c.score for c in cands}, split)
 
 
-# ---------------------------------------------------------------------------- tracking
-
 def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None, command: str = "") -> str:
     """An open run tagged ``rockcls.kind=ensemble`` with weights, bias, scores and the confusion matrix;
@@ -393,9 +390,9 @@ def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | 
     """
     run_id = tracking.start_run(experiment=experiment, name=fit.name, kind="ensemble",
                                 parent_run_id=parent_run_id, adopt_env_run=parent_run_id is None,
-                                tags={"rockcls.members": ",".join(fit.run_ids), "rockcls.strategy": fit.strategy,
+                                tags={names.MEMBERS: ",".join(fit.run_ids), names.STRATEGY: fit.strategy,
                                       **fit.split, **(tags or {})})
-    try:
+    with tracking.closing(run_id, finish=False):  # the caller ends it
         default = f"python -m rockcls ensemble --runs {','.join(fit.run_ids)}"
         tracking.set_description(run_id, fit.describe(command or default))
         tracking.copy_dataset_inputs(fit.run_ids[0], run_id, context="evaluation")  # the members' OOF rows
@@ -406,72 +403,12 @@ def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | 
             "equal_weight_macro_f1": fit.equal_weight_score, "best_member_macro_f1": fit.best_member_score,
             **{f"weight.{i}": float(w) for i, w in enumerate(fit.weights)},
             **{f"member_macro_f1.{i}": fit.member_scores[r] for i, r in enumerate(fit.run_ids)},
-            **{f"bias.{_safe(c)}": float(v) for c, v in zip(fit.classes, fit.bias)},
-            **{f"ensemble_f1.{_safe(c)}": v for c, v in fit.crossfit_per_class.items()}})
-        tracking.log_dict(run_id, fit.to_dict(), "ensemble.json")
+            **{f"bias.{safe_name(c)}": float(v) for c, v in zip(fit.classes, fit.bias)},
+            **{f"ensemble_f1.{safe_name(c)}": v for c, v in fit.crossfit_per_class.items()}})
+        tracking.log_dict(run_id, fit.to_dict(), names.ENSEMBLE_FILE)
         tracking.log_text(run_id, fit.score_table().to_csv(index=False), "scores.csv")
         tracking.log_figure(run_id, confusion_figure(fit.labels, fit.crossfit_preds, fit.classes,
                                                      f"cross-fitted macro-F1 {fit.crossfit_score:.4f}"),
                             "confusion_matrix.png")
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
     return run_id
 
-
-# ---------------------------------------------------------------------------- the command
-
-@dataclass
-class EnsembleConfig:
-    """Parameters of `rockcls ensemble` (the MLproject `ensemble` entry point)."""
-
-    runs: str = _opt("", "comma-separated train run ids; empty = the top runs of the experiment")
-    experiment: str = _opt("", f"experiment searched for top runs and where the ensemble run is logged; "
-                               f"{EXPERIMENT_DEFAULT}")
-    top: int = _opt(3, "how many top runs by cv_macro_f1 when runs is empty", min=1)
-    bias: bool = _opt(True, "also search a per-class logit bias")
-    register: str = _opt("", "registered model name; empty = do not register")
-    force: bool = _opt(False, "move the champion alias even without improvement")
-    tta: str = _opt("auto", "test-time augmentation of the registered model; auto = the views the members' "
-                            "out-of-fold predictions (and so the honest score) used", choices=("auto", *TTA_VIEWS))
-    seed: int = _opt(0, "seed of the cross-fitting partition when the runs used one holdout (folds=1)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rockcls ensemble",
-                                     description="weighted soft voting of train runs, optionally registered")
-    add_config_arguments(parser, EnsembleConfig)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(EnsembleConfig, build_parser().parse_args(argv))
-    run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or top_runs(cfg.experiment, cfg.top)
-    members = load_members(run_ids)
-    fit = fit_ensemble(members, bias=cfg.bias, seed=cfg.seed)
-    if cfg.tta == "auto":
-        cfg = dataclasses.replace(cfg, tta=members_tta(members))
-    repeat = dataclasses.replace(cfg, runs=",".join(run_ids))
-    run_id = log_ensemble(fit, experiment=cfg.experiment,
-                          params={"bias": cfg.bias, "seed": cfg.seed, "tta": cfg.tta, "top": cfg.top,
-                                  "register": cfg.register, "force": cfg.force},
-                          command=" ".join(["python -m rockcls ensemble", *command_flags(repeat, skip=("top",))]))
-    try:
-        print(fit.score_table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        if cfg.register:
-            from rockcls.registry import register_ensemble
-
-            reg = register_ensemble(fit, name=cfg.register, run_id=run_id, tta=cfg.tta, force=cfg.force)
-            print(reg.summary())
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.end_run(run_id, "FINISHED")
-    print(f"ensemble run {run_id}: {fit.strategy}, honest macro-F1 {fit.crossfit_score:.4f} "
-          f"(best member {fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}, "
-          f"fitted in-sample {fit.insample_score:.4f})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,13 +11,14 @@ workflow land in one experiment and find each other however they are started.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -27,13 +28,9 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from rockcls import secrets  # noqa: E402
-from rockcls.errors import ConfigError, RockclsError  # noqa: E402
+from rockcls.core import names, secrets
+from rockcls.core.errors import ConfigError, RockclsError, RunStopped  # noqa: E402
 
-KIND = "rockcls.kind"
-PARENT = "mlflow.parentRunId"
-NOTE = "mlflow.note.content"  # the description of a run or experiment in the MLflow UI
-SOURCE_NAME = "mlflow.source.name"
 DEFAULT_EXPERIMENT = "rockcls"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment
 MAX_PARAM_LEN = 6000
@@ -101,8 +98,8 @@ def experiment_id(requested: str = "", *, create: bool = True) -> str:
                           f"{exp.name!r}; {fix}")
     # `mlflow run --experiment-name` creates the experiment without a description; Default is
     # everybody's catch-all, so it is left as it is.
-    if exp_id != DEFAULT_EXPERIMENT_ID and NOTE not in exp.tags:
-        _retry(client().set_experiment_tag, exp_id, NOTE, EXPERIMENT_NOTE)
+    if exp_id != DEFAULT_EXPERIMENT_ID and names.NOTE not in exp.tags:
+        _retry(client().set_experiment_tag, exp_id, names.NOTE, EXPERIMENT_NOTE)
     return exp_id
 
 
@@ -125,7 +122,7 @@ def _id_by_name(name: str, *, create: bool) -> str:
     if not create:
         raise RockclsError(f"experiment {name!r} not found in {shown_uri()}")
     try:
-        return c.create_experiment(name, tags={NOTE: EXPERIMENT_NOTE})
+        return c.create_experiment(name, tags={names.NOTE: EXPERIMENT_NOTE})
     except MlflowException:  # another worker created it first
         return c.get_experiment_by_name(name).experiment_id
 
@@ -136,14 +133,14 @@ def start_run(*, experiment: str, name: str, kind: str, parent_run_id: str | Non
 
     A child run goes in its parent's experiment; any other in `experiment_id(experiment)`.
     """
-    all_tags = {KIND: kind, "mlflow.runName": name, **(tags or {})}
+    all_tags = {names.KIND: kind, names.RUN_NAME: name, **(tags or {})}
     exp_id = get_run(parent_run_id).info.experiment_id if parent_run_id else experiment_id(experiment)
     env_run = os.environ.get("MLFLOW_RUN_ID") if adopt_env_run else None
     if env_run:
         set_tags(env_run, all_tags)
         return env_run
     if parent_run_id:
-        all_tags[PARENT] = parent_run_id
+        all_tags[names.PARENT] = parent_run_id
     # What mlflow.start_run would add (user, source, git commit): the Source and Created by columns.
     return _retry(client().create_run, exp_id, tags={**context_tags(), **all_tags}).info.run_id
 
@@ -169,12 +166,12 @@ def _resolved_context_tags() -> dict[str, str]:
 
 def context_tags() -> dict[str, str]:
     tags = _resolved_context_tags()
-    return {**tags, SOURCE_NAME: _program["name"]} if "name" in _program else dict(tags)
+    return {**tags, names.SOURCE_NAME: _program["name"]} if "name" in _program else dict(tags)
 
 
 def set_description(run_id: str, text: str) -> None:
     """The run's description (markdown) on its page and in the runs table."""
-    set_tags(run_id, {NOTE: text})
+    set_tags(run_id, {names.NOTE: text})
 
 
 def log_dataset(run_id: str, *, name: str, digest: str, source: str, profile: Mapping[str, Any],
@@ -197,6 +194,31 @@ def reopen_run(run_id: str) -> None:
     _retry(client().update_run, run_id, status="RUNNING")
 
 
+@contextlib.contextmanager
+def closing(run_id: str, *, finish: bool = True) -> Iterator[str]:
+    """End ``run_id`` with the block: FINISHED (unless ``finish`` is false: the caller goes on with
+    it); KILLED when interrupted or stopped on purpose (`RunStopped`, e.g. a pruned trial); FAILED
+    otherwise. A run that does not finish keeps its one-line reason in the tag ``rockcls.fail_reason``."""
+    try:
+        yield run_id
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, RunStopped)) else "FAILED"
+        reason = secrets.hide(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
+            set_tags(run_id, {names.FAIL_REASON: reason[:500]})
+        end_run(run_id, status)
+        raise
+    if finish:
+        end_run(run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def tracked_run(*, finish: bool = True, **start: Any) -> Iterator[str]:
+    """A new run (`start_run` arguments), ended like `closing` says."""
+    with closing(start_run(**start), finish=finish) as run_id:
+        yield run_id
+
+
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     _retry(client().set_terminated, run_id, status=status)
 
@@ -208,13 +230,15 @@ def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
 
 def log_params(run_id: str, params: Mapping[str, Any]) -> list[str]:
     """Log params; a key already logged with another value (``mlflow run`` logs the raw -P
-    values) is kept and the resolved value goes to ``resolved.<key>``. Returns those keys."""
+    values, empty for a parameter not given) is kept and the resolved value goes to
+    ``resolved.<key>``. Returns the keys that were given with another value."""
     existing = get_run(run_id).data.params
     batch, conflicts = [], []
     for key, value in params.items():
         text = str(value)[:MAX_PARAM_LEN]
         if key in existing and existing[key] != text and not _same_number(existing[key], text):
-            conflicts.append(key)
+            if existing[key] != "":
+                conflicts.append(key)
             key = f"resolved.{key}"
         if existing.get(key) is None:
             batch.append(Param(key, text))
@@ -273,9 +297,9 @@ def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
 
 def child_runs(parent_run_id: str, kind: str | None = None) -> list:
     run = get_run(parent_run_id)
-    filt = f"tags.`{PARENT}` = '{parent_run_id}'"
+    filt = f"tags.`{names.PARENT}` = '{parent_run_id}'"
     if kind:
-        filt += f" and tags.`{KIND}` = '{kind}'"
+        filt += f" and tags.`{names.KIND}` = '{kind}'"
     return client().search_runs([run.info.experiment_id], filter_string=filt, max_results=5000)
 
 

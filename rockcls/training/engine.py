@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rockcls.progress import track
-from rockcls.sampling import HardNegativeMemory
-from rockcls.transforms import DeviceAugment, dihedral, normalize
+from rockcls.core.progress import track
+from rockcls.training.sampling import HardNegativeMemory
+from rockcls.training.transforms import DeviceAugment, dihedral, normalize
 
 
 @dataclass
@@ -121,7 +121,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable, s: StepSettings, desc: st
              views: tuple[int, ...] = (0,)) -> dict:
     """Logits for every sample of ``loader`` (in loader order) and the mean loss.
 
-    With several test-time ``views`` (`rockcls.transforms.dihedral`) the logits are the log of the
+    With several test-time ``views`` (`rockcls.training.transforms.dihedral`) the logits are the log of the
     softmax averaged over the views, which is what prediction returns for the same views.
     """
     model.eval()

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
-from rockcls import secrets
+from rockcls.core import secrets
 
 T = TypeVar("T")
 log = logging.getLogger("rockcls")

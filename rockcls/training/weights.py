@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from rockcls.errors import ConfigError
+from rockcls.core.errors import ConfigError
 
 log = logging.getLogger("rockcls")
 

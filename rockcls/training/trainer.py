@@ -2,8 +2,7 @@
 
 `run_training` is the one training function that the CLI, MLproject and the Optuna search call.
 Each fold writes `last.pt` (everything needed to continue) after every epoch, atomically, so a
-killed run continues with ``resume=<parent run id>`` from the last completed epoch.
-"""
+killed run continues with ``resume=<parent run id>`` from the last completed epoch."""
 
 from __future__ import annotations
 
@@ -20,21 +19,49 @@ import timm.utils
 import torch
 import yaml
 
-from rockcls import tracking
-from rockcls.cache import resolve_cache_dir, resolve_cache_size
-from rockcls.checkpoint import load_checkpoint, save_checkpoint, write_npz_atomic
-from rockcls.config import TrainConfig, build_config, command_flags, default_cache_dir, save_yaml
-from rockcls.data import (DatasetIndex, ImageDataset, content_fingerprint, index_dataset,
-                          make_folds, open_source, split_fingerprint, validate_images)
-from rockcls.engine import StepSettings, cosine_with_warmup, evaluate, train_one_epoch
-from rockcls.errors import ConfigError, RockclsError
-from rockcls.metrics import confusion_figure, macro_f1, per_class_f1
-from rockcls.models import build_model, build_model_with_report, model_spec
-from rockcls.sampling import HardNegativeMemory, MixtureBatchSampler
-from rockcls.transforms import (DeviceAugment, build_device_augment, build_eval_transform, build_train_transform,
-                                tta_views)
+from rockcls.core import names, tracking
+from rockcls.core.config import (
+    TrainConfig,
+    build_config,
+    command_flags,
+    save_yaml,
+)
+from rockcls.core.errors import RockclsError
+from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1
+from rockcls.data.cache import cache_settings
+from rockcls.data.index import (
+    DatasetIndex,
+    content_fingerprint,
+    index_dataset,
+    make_folds,
+    split_fingerprint,
+)
+from rockcls.data.sources import ImageDataset, open_source, validate_images
+from rockcls.training.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    write_npz_atomic,
+)
+from rockcls.training.device import resolve_amp, resolve_device
+from rockcls.training.engine import (
+    StepSettings,
+    cosine_with_warmup,
+    evaluate,
+    train_one_epoch,
+)
+from rockcls.training.models import build_model, build_model_with_report, model_spec
+from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
+from rockcls.training.transforms import (
+    DeviceAugment,
+    build_device_augment,
+    build_eval_transform,
+    build_train_transform,
+    tta_views,
+)
 
 log = logging.getLogger("rockcls")
+
+
 EpochHook = Callable[[int, int, dict[str, float]], None]
 
 
@@ -66,39 +93,14 @@ class Plan:
     kind: str = "train"
 
 
-# ---------------------------------------------------------------------------- setup
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: not a device name: {name!r} (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} requested but CUDA is not available on this machine")
-    return dev
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or mode == "off":
-        return None
-    if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if mode == "bf16" else torch.float16
-
-
 def load_dataset(cfg: TrainConfig) -> DatasetIndex:
     """The validated dataset; every problem of the data is reported at once, listed in
     ``<output_dir>/data_problems.tsv``."""
     index = index_dataset(cfg.data, check=False)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cache = cache_settings(cfg)
     # With the cache on, validation's decode pass also fills it: each file is decoded once.
-    cache_size = resolve_cache_size(cfg.img_size, cfg.cache_size) if cfg.cache else 0
-    return validate_images(index, skip_bad=cfg.skip_bad_images, cache_dir=cache_dir,
-                           workers=max(4, cfg.num_workers * 2), cache_size=cache_size,
+    return validate_images(index, skip_bad=cfg.skip_bad_images, cache_dir=cache.folder,
+                           workers=cache.workers, cache_size=cache.size,
                            min_per_class=max(cfg.folds, 2), report=Path(cfg.output_dir) / "data_problems.tsv")
 
 
@@ -134,7 +136,7 @@ def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     """Build the model once before any run opens: a bad backbone or weights source fails here, and
     what the pretrained weights gave the model is logged with the run."""
     _, report = build_model_with_report(cfg.backbone, num_classes, pretrained=cfg.pretrained,
-                                        pretrained_path=cfg.pretrained_path, cache_dir=resolve_cache_dir(cfg.cache_dir))
+                                        pretrained_path=cfg.pretrained_path, cache_dir=cache_settings(cfg).folder)
     if report is None:
         return {"init": "random"}
     log.info("pretrained weights: %s", report.summary())
@@ -142,44 +144,32 @@ def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
             "init_reinitialised": ",".join(report.reinitialised) or "none"}
 
 
-# ---------------------------------------------------------------------------- the run
-
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: str = "train",
                  tags: dict[str, str] | None = None, on_epoch_end: EpochHook | None = None) -> TrainResult:
     """Train every fold of ``cfg`` (resuming ``cfg.resume`` if set) and return out-of-fold results.
 
     ``on_epoch_end(fold, epoch, metrics)`` is called after each logged epoch; it may raise to stop
-    (Optuna's TrialPruned ends the runs as KILLED, anything else as FAILED).
+    (`RunStopped`, e.g. a pruned trial, ends the runs as KILLED, anything else as FAILED).
     """
     if cfg.resume:
         cfg = resumed_config(cfg)
     plan = build_plan(cfg)
     plan.kind = kind
     run_id = open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags)
-    try:
+    with tracking.closing(run_id):
         plan.source = open_source(plan.index, cfg=cfg)
         fold_results = {k: run_fold(plan, run_id, k, on_epoch_end) for k in plan.folds_to_run}
-        result = finish_train_run(plan, run_id, fold_results)
-    except BaseException as exc:
-        tracking.end_run(run_id, _status_for(exc))
-        raise
-    tracking.end_run(run_id, "FINISHED")
-    return result
-
-
-def _status_for(exc: BaseException) -> str:
-    pruned = type(exc).__name__ == "TrialPruned"
-    return "KILLED" if pruned or isinstance(exc, KeyboardInterrupt) else "FAILED"
+        return finish_train_run(plan, run_id, fold_results)
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
     """The config of the interrupted run (its config.yaml), so the resumed run is the same run."""
     run = tracking.get_run(cfg.resume)
-    if run.data.tags.get(tracking.KIND) not in ("train", "trial"):
+    if run.data.tags.get(names.KIND) not in ("train", "trial"):
         raise RockclsError(f"resume: run {cfg.resume} is not a train run")
     if run.info.status == "FINISHED":
         raise RockclsError(f"resume: run {cfg.resume} already finished; nothing to resume")
-    saved = yaml.safe_load(tracking.download(cfg.resume, "config.yaml").read_text())
+    saved = yaml.safe_load(tracking.download(cfg.resume, names.CONFIG_FILE).read_text())
     saved["resume"] = cfg.resume
     saved["config"] = ""
     return build_config(TrainConfig, saved)
@@ -188,18 +178,18 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
 def open_train_run(plan: Plan, *, parent_run_id: str | None, kind: str, tags: dict[str, str] | None) -> str:
     cfg = plan.cfg
     if cfg.resume:
-        expected = tracking.get_run(cfg.resume).data.tags.get("rockcls.split_fingerprint")
+        expected = tracking.get_run(cfg.resume).data.tags.get(names.SPLIT_FINGERPRINT)
         if expected != plan.derived["split_fingerprint"]:
             raise RockclsError(f"resume: the data under {cfg.data} changed since run {cfg.resume} "
                                f"started (split fingerprint {plan.derived['split_fingerprint']} != {expected})")
         tracking.reopen_run(cfg.resume)
         log.info("resuming run %s", cfg.resume)
         return cfg.resume
-    run_tags = {"rockcls.data_fingerprint": plan.derived["data_fingerprint"],
-                "rockcls.split_fingerprint": plan.derived["split_fingerprint"],
-                "rockcls.backbone": cfg.backbone, "rockcls.seed": str(cfg.seed),
-                "rockcls.split_seed": str(cfg.split_seed),
-                "rockcls.folds": str(cfg.folds), **(tags or {})}
+    run_tags = {names.DATA_FINGERPRINT: plan.derived["data_fingerprint"],
+                names.SPLIT_FINGERPRINT: plan.derived["split_fingerprint"],
+                names.BACKBONE: cfg.backbone, names.SEED: str(cfg.seed),
+                names.SPLIT_SEED: str(cfg.split_seed),
+                names.FOLDS: str(cfg.folds), **(tags or {})}
     run_id = tracking.start_run(experiment=cfg.experiment, name=f"{kind}-{cfg.backbone}", kind=kind,
                                 parent_run_id=parent_run_id, tags=run_tags, adopt_env_run=parent_run_id is None)
     log_run_setup(plan, run_id)
@@ -241,11 +231,11 @@ def log_run_setup(plan: Plan, run_id: str) -> None:
         log.warning("params %s were logged by `mlflow run` with other values; resolved values are "
                     "under resolved.<name>", ", ".join(conflicts))
     with tempfile.TemporaryDirectory() as tmp:
-        save_yaml(plan.cfg, Path(tmp) / "config.yaml")
-        tracking.log_file(run_id, Path(tmp) / "config.yaml")
-        _write_split(plan, Path(tmp) / "split.csv")
-        tracking.log_file(run_id, Path(tmp) / "split.csv")
-    tracking.log_dict(run_id, {"classes": plan.index.classes}, "classes.json")
+        save_yaml(plan.cfg, Path(tmp) / names.CONFIG_FILE)
+        tracking.log_file(run_id, Path(tmp) / names.CONFIG_FILE)
+        _write_split(plan, Path(tmp) / names.SPLIT_FILE)
+        tracking.log_file(run_id, Path(tmp) / names.SPLIT_FILE)
+    tracking.log_dict(run_id, {"classes": plan.index.classes}, names.CLASSES_FILE)
     if plan.index.skipped:
         text = "\n".join(f"{p}\t{r}" for p, r in plan.index.skipped)
         tracking.log_text(run_id, f"path\treason\n{text}\n", "skipped_images.tsv")
@@ -268,15 +258,15 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
     labels = index.labels[scored]
     score = macro_f1(labels, preds, len(classes))
     pcf = per_class_f1(labels, preds, classes)
-    tracking.log_metrics(run_id, {"cv_macro_f1": score, **{f"cv_f1.{_safe(c)}": v for c, v in pcf.items()}})
+    tracking.log_metrics(run_id, {"cv_macro_f1": score, **{f"cv_f1.{safe_name(c)}": v for c, v in pcf.items()}})
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "oof_logits.npz"
+        path = Path(tmp) / names.OOF_LOGITS
         np.savez_compressed(path, ids=np.asarray(index.ids), paths=np.asarray(index.paths),
                             labels=index.labels, logits=logits, fold=plan.fold_of, classes=np.asarray(classes))
         tracking.log_file(run_id, path)
     tracking.log_figure(run_id, confusion_figure(labels, preds, classes, f"OOF macro-F1 {score:.4f}"),
                         "confusion_matrix.png")
-    tracking.set_tags(run_id, {"rockcls.complete": "true"})
+    tracking.set_tags(run_id, {names.COMPLETE: "true"})
     tracking.set_description(run_id, describe_train_run(plan, plan.kind, score))
     shutil.rmtree(run_dir(plan.cfg, run_id), ignore_errors=True)
     log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
@@ -284,15 +274,13 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
                        {k: r["score"] for k, r in fold_results.items()})
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
 
 
 def run_dir(cfg: TrainConfig, run_id: str) -> Path:
     return Path(cfg.output_dir) / run_id
 
-
-# ---------------------------------------------------------------------------- one fold
 
 @dataclass
 class FoldState:
@@ -313,28 +301,23 @@ def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | No
         return load_fold_result(plan, fold_run)
     if fold_run is None:
         fold_run = tracking.start_run(experiment=plan.cfg.experiment, name=f"fold-{fold}", kind="fold",
-                                      parent_run_id=parent_id, tags={"rockcls.fold": str(fold)})
+                                      parent_run_id=parent_id, tags={names.FOLD: str(fold)})
         log_data_input(fold_run, plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")
     else:
         tracking.reopen_run(fold_run)
-    try:
-        result = FoldTrainer(plan, parent_id, fold, fold_run).fit(on_epoch_end)
-    except BaseException as exc:
-        tracking.end_run(fold_run, _status_for(exc))
-        raise
-    tracking.end_run(fold_run, "FINISHED")
-    return result
+    with tracking.closing(fold_run):
+        return FoldTrainer(plan, parent_id, fold, fold_run).fit(on_epoch_end)
 
 
 def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
     for run in tracking.child_runs(parent_id, kind="fold"):
-        if run.data.tags.get("rockcls.fold") == str(fold):
-            return run.info.run_id, run.data.tags.get("rockcls.complete") == "true"
+        if run.data.tags.get(names.FOLD) == str(fold):
+            return run.info.run_id, run.data.tags.get(names.COMPLETE) == "true"
     return None, False
 
 
 def load_fold_result(plan: Plan, fold_run: str) -> dict:
-    with np.load(tracking.download(fold_run, "oof_fold.npz")) as z:
+    with np.load(tracking.download(fold_run, names.OOF_FOLD)) as z:
         return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"])}
 
 
@@ -349,7 +332,7 @@ class FoldTrainer:
         torch.manual_seed(self.cfg.seed * 100 + fold)
         self.model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
                                  pretrained_path=self.cfg.pretrained_path,
-                                 cache_dir=resolve_cache_dir(self.cfg.cache_dir)).to(plan.device)
+                                 cache_dir=cache_settings(self.cfg).folder).to(plan.device)
         if plan.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.spec = model_spec(self.model, self.cfg.backbone, plan.index.classes, self.cfg.img_size, self.cfg.augment)
@@ -462,7 +445,7 @@ class FoldTrainer:
                 "val_macro_f1": macro_f1(ev["labels"], preds, len(classes)),
                 "train_images_per_s": tr["train_images_per_s"],
                 "hn_memory_size": float(len(self.memory)) if self.memory else 0.0,
-                **{f"val_f1.{_safe(c)}": v for c, v in pcf.items()}}
+                **{f"val_f1.{safe_name(c)}": v for c, v in pcf.items()}}
 
     def _track_best(self, epoch: int, f1: float) -> None:
         if f1 <= self.state.best_f1:
@@ -502,14 +485,14 @@ class FoldTrainer:
                          "classes": self.spec["classes"], "epoch": kept_epoch, "oof_macro_f1": score, "fold": self.fold},
                         self.dir / "model.pt")
         rows = self.val_rows[ev["positions"]]
-        oof = self.dir / "oof_fold.npz"
+        oof = self.dir / names.OOF_FOLD
         write_npz_atomic(oof, rows=rows, logits=ev["logits"], score=np.float64(score))
         tracking.log_file(self.run_id, self.dir / "model.pt", "checkpoints")
         tracking.log_file(self.run_id, oof)
         tracking.log_metrics(self.run_id, {"oof_macro_f1": score, "best_val_macro_f1": self.state.best_f1,
                                            "best_epoch": float(self.state.best_epoch),
                                            "kept_epoch": float(kept_epoch)})
-        tracking.set_tags(self.run_id, {"rockcls.complete": "true"})
+        tracking.set_tags(self.run_id, {names.COMPLETE: "true"})
         tracking.set_description(self.run_id, (
             f"Fold {self.fold} of train run `{self.parent_id}`: trained on {len(self.train_rows)} images, validated "
             f"on {len(self.val_rows)}. Kept epoch {kept_epoch} (select={self.cfg.select}): **OOF macro-F1 "
@@ -547,23 +530,3 @@ def with_overrides(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     """A copy of ``cfg`` with ``changes`` applied and re-checked (used by the search)."""
     merged = {**cfg.to_dict(), **changes, "config": ""}
     return build_config(TrainConfig, merged)
-
-
-def build_parser():
-    import argparse
-
-    from rockcls.config import add_config_arguments
-
-    parser = argparse.ArgumentParser(prog="rockcls train", description="k-fold training of a timm backbone, tracked in MLflow")
-    add_config_arguments(parser, TrainConfig)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from rockcls.config import config_from_args
-
-    cfg = config_from_args(TrainConfig, build_parser().parse_args(argv))
-    result = run_training(cfg)
-    print(f"train run {result.run_id}: cv_macro_f1 {result.cv_macro_f1:.4f} ({tracking.run_location(result.run_id)})")
-    print(f"browse it with: {tracking.browse_hint()}")
-    return 0

@@ -26,12 +26,10 @@ Concurrency: a builder writes ``build.tmp-<pid>-<thread>.u8`` and ``.npz``, sync
 renames the pixels and then the manifest to their ``<key>`` names. Readers open a cache only
 through its manifest and check the pixel file's length against it, so they never see a torn
 cache. Two builders of one key write identical bytes; the last rename wins. Temp files of
-builders killed mid-way are deleted by the next build once a day old.
-"""
+builders killed mid-way are deleted by the next build once a day old."""
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -40,21 +38,26 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 
-from rockcls.config import _opt, add_config_arguments, build_config, default_cache_dir
-from rockcls.data import (FileStat, index_dataset, load_checked, map_in_threads, stat_files,
-                          stats_fingerprint, validate_images)
-from rockcls.errors import DataError
-from rockcls.progress import track
+from rockcls.core.config import default_cache_dir
+from rockcls.core.errors import DataError
+from rockcls.core.progress import track
+from rockcls.data.images import load_checked, map_in_threads
+from rockcls.data.index import FileStat, stat_files, stats_fingerprint
 
 log = logging.getLogger("rockcls")
 
+
 CACHE_VERSION = 1
+
+
 MAX_ASPECT = 4.0
+
+
 STALE_BUILD_S = 24 * 3600.0
 
 
@@ -74,6 +77,24 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where a command's cache lives and at what resolution: resolved once, here, for train,
+    prepare and the study alike, so they all find the same cache."""
+
+    folder: Path
+    size: int  # 0 = no pixel cache (validation verdicts are still kept in ``folder``)
+    workers: int
+
+
+def cache_settings(cfg: Any) -> CacheSettings:
+    """From any config with ``img_size``, ``cache_size``, ``cache_dir`` and ``num_workers`` (decode
+    threads: twice the loader workers, at least 4) or ``workers``; ``cache`` false = no pixel cache."""
+    size = resolve_cache_size(cfg.img_size, cfg.cache_size) if getattr(cfg, "cache", True) else 0
+    workers = max(4, 2 * cfg.num_workers) if hasattr(cfg, "num_workers") else cfg.workers
+    return CacheSettings(resolve_cache_dir(cfg.cache_dir), size, workers)
+
+
 def resize_for_cache(img: np.ndarray, size: int) -> np.ndarray:
     """Shorter side to ``size`` (area interpolation), aspect kept, never upscaled."""
     h, w = img.shape[:2]
@@ -83,8 +104,6 @@ def resize_for_cache(img: np.ndarray, size: int) -> np.ndarray:
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     return cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_AREA)
 
-
-# ---------------------------------------------------------------------------- reading
 
 class ImageCache:
     """Rows of a built cache; the pixel file is memory-mapped on first read in each process.
@@ -148,8 +167,6 @@ def has_cache(cache_dir: Path, paths: Sequence[str], stats: Sequence[FileStat], 
     good = [i for i, r in enumerate(reasons) if not r]
     return load_cache(cache_dir, [paths[i] for i in good], size=size, stats=[stats[i] for i in good]) is not None
 
-
-# ---------------------------------------------------------------------------- building
 
 @dataclass
 class CacheBuild:
@@ -265,54 +282,3 @@ def open_cache(paths: Sequence[str], *, cache_dir: Path, size: int, workers: int
                         f"(validate the dataset first, e.g. with skip_bad_images=true)")
     return built.cache
 
-
-# ---------------------------------------------------------------------------- prepare command
-
-@dataclass
-class PrepareConfig:
-    """Parameters of ``rockcls prepare``; defaults match training's, so train finds the cache."""
-
-    data: str = _opt("", "folder with one sub-folder per class, or a CSV with img_path,label")
-    img_size: int = _opt(224, "training resolution the cache is for (pixels)", min=16)
-    cache_size: int = _opt(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
-    cache_dir: str = _opt("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
-    workers: int = _opt(4, "decoding threads", min=1)
-    skip_bad_images: bool = _opt(False, "warn and leave out unreadable images instead of failing")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rockcls prepare",
-        description="Index and validate a dataset and cache its decoded, resized images for training.")
-    add_config_arguments(parser, PrepareConfig)
-    return parser
-
-
-def prepare(cfg: PrepareConfig) -> tuple[ImageCache, int, bool]:
-    """Validate and cache ``cfg.data``: (cache, number of skipped files, whether it was built now)."""
-    size = resolve_cache_size(cfg.img_size, cfg.cache_size)
-    cache_dir = resolve_cache_dir(cfg.cache_dir)
-    before = set((cache_dir / "images").glob("*.npz"))
-    index = validate_images(index_dataset(cfg.data, check=False), skip_bad=cfg.skip_bad_images,
-                            cache_dir=cache_dir, workers=cfg.workers, cache_size=size)
-    cache = open_cache(index.paths, cache_dir=cache_dir, size=size, workers=cfg.workers)
-    return cache, len(index.skipped), cache.data_path.with_suffix(".npz") not in before
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    cfg = build_config(PrepareConfig, vars(ns))
-    start = time.perf_counter()
-    cache, skipped, built_now = prepare(cfg)
-    state = "built" if built_now else "already up to date"
-    print(f"prepare: {len(cache)} images cached at {cache.size} px ({skipped} skipped), "
-          f"{cache.nbytes / 1e6:.1f} MB, {state} in {time.perf_counter() - start:.1f} s: {cache.data_path}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from rockcls.cli import run_command
-
-    sys.exit(run_command(main, sys.argv[1:]))

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from rockcls.errors import RockclsError
+from rockcls.core.errors import RockclsError
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:

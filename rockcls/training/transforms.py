@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from rockcls.errors import ConfigError
+from rockcls.core.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -6,13 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from rockcls import tracking
-from rockcls.config import TrainConfig, build_config
-from rockcls.synthetic import TEXTURES, make_dataset
-from rockcls.train import run_training
+from rockcls.commands import ensemble, predict
+from rockcls.core import tracking
+from rockcls.core.config import TrainConfig, build_config
+from rockcls.data.synthetic import TEXTURES, make_dataset
+from rockcls.study import TuneConfig, build_search_config, run_study
+from rockcls.training.trainer import run_training
 
 log = logging.getLogger("rockcls")
 COUNTS = [150, 90, 60, 36, 24]  # imbalanced, like the contest's 7 rock types
@@ -58,8 +61,6 @@ def demo_experiment(requested: str) -> str:
 
 def predict_and_score(run_id: str, test_csv: Path, out: Path, experiment: str) -> float:
     """Predict the demo's test.csv with d4 TTA and score it against the known truth."""
-    from rockcls import predict
-
     predict.main(["--model", f"runs:/{run_id}", "--data", str(test_csv), "--out", str(out), "--tta", "d4",
                   "--num-workers", "0", "--device", "cpu", "--label-column", "label", "--experiment", experiment])
     truth = pd.read_csv(test_csv.with_name("test_truth.csv"))
@@ -68,15 +69,11 @@ def predict_and_score(run_id: str, test_csv: Path, out: Path, experiment: str) -
 
 
 def ensemble_and_register(run_ids: list[str], experiment: str, name: str) -> None:
-    from rockcls import ensemble
-
     ensemble.main(["--runs", ",".join(run_ids), "--experiment", experiment, "--register", name, "--tta", "flip"])
 
 
 def load_registered(name: str, test_csv: Path) -> pd.DataFrame:
     """What a user of the registry does: load by alias, predict on a DataFrame of paths."""
-    import mlflow.pyfunc
-
     # A loaded model reads img_path only under the image root it is given (docs/security.md);
     # the CSV's paths are relative to its folder, which is that root here.
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion", model_config={"image_root": str(test_csv.parent)})
@@ -85,8 +82,6 @@ def load_registered(name: str, test_csv: Path) -> pd.DataFrame:
 
 def search(train: Path, experiment: str, name: str, trials: int) -> str:
     """A small Optuna study (search/tune.py's machinery) whose best trials are ensembled."""
-    from rockcls.study import TuneConfig, build_search_config, run_study
-
     base, fixed = build_search_config({
         "data": str(train), "backbone": "test_efficientnet", "pretrained": False, "img_size": 32,
         "epochs": 3, "batch_size": 32, "num_workers": 0, "device": "cpu", "experiment": experiment})

@@ -11,3 +11,7 @@ class ConfigError(RockclsError):
 
 class DataError(RockclsError):
     """The dataset cannot be used as given (bad images, empty classes, bad CSV)."""
+
+
+class RunStopped(Exception):
+    """Raised on purpose to stop a run early (a pruned trial): its runs end KILLED, not FAILED."""

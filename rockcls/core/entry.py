@@ -1,0 +1,30 @@
+"""How every command line runs its ``main(argv)``: an error caused by the user's input (and any
+MLflow error) ends as one line on stderr and exit status 2, an interrupt as 130, passwords masked."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from mlflow.exceptions import MlflowException
+
+from rockcls.core.errors import RockclsError
+from rockcls.core.secrets import hide, remember
+
+
+def run_command(fn, argv: list[str]) -> int:
+    remember(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a database tracking store may hold a password
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    try:
+        return int(fn(argv) or 0)
+    except RockclsError as exc:
+        print(f"rockcls: error: {hide(str(exc))}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        print(f"rockcls: error: MLflow: {hide(str(exc).splitlines()[0])}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("rockcls").warning("interrupted")
+        return 130

@@ -1,0 +1,52 @@
+"""Every tag and artifact name rockcls writes to or reads from the tracking store, in one place.
+
+Tags are what the MLflow UI filters on (``tags.`rockcls.kind` = 'train'``) and what one command
+reads of another's runs (the ensemble checks members' split tags, predict finds a train run's
+checkpoints), so writer and reader must spell them the same way.
+"""
+
+# --------------------------------------------------------------------- MLflow's own tags
+PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # the description of a run or experiment in the MLflow UI
+SOURCE_NAME = "mlflow.source.name"
+RUN_NAME = "mlflow.runName"
+
+# --------------------------------------------------------------------- what a run is
+KIND = "rockcls.kind"  # train, fold, trial, ensemble, predict, study
+COMPLETE = "rockcls.complete"  # "true" once a train run has every fold's OOF logits
+FOLD = "rockcls.fold"
+FOLDS = "rockcls.folds"
+BACKBONE = "rockcls.backbone"
+SEED = "rockcls.seed"
+EPOCHS_RUN = "rockcls.epochs_run"
+FAIL_REASON = "rockcls.fail_reason"  # the one-line reason of a FAILED or KILLED run
+
+# --------------------------------------------------------------------- the data and split (ensemble members must agree)
+DATA_FINGERPRINT = "rockcls.data_fingerprint"
+SPLIT_FINGERPRINT = "rockcls.split_fingerprint"
+SPLIT_SEED = "rockcls.split_seed"
+
+# --------------------------------------------------------------------- ensembles and registered models
+MEMBERS = "rockcls.members"
+STRATEGY = "rockcls.strategy"
+TTA = "rockcls.tta"
+ENSEMBLE_RUN = "rockcls.ensemble_run"
+MODEL_URI = "rockcls.model_uri"
+SCORE = "rockcls.macro_f1"  # the honest score on a registered version; @champion compares it
+
+# --------------------------------------------------------------------- the Optuna study
+STUDY = "rockcls.study"
+TRIAL = "rockcls.trial"
+TRIAL_STATE = "rockcls.trial_state"
+STORAGE = "rockcls.storage"
+WORKER = "rockcls.worker"
+BASELINE = "rockcls.baseline"
+
+# --------------------------------------------------------------------- artifacts
+CONFIG_FILE = "config.yaml"
+SPLIT_FILE = "split.csv"
+CLASSES_FILE = "classes.json"
+OOF_LOGITS = "oof_logits.npz"  # a train run's out-of-fold logits (ids, paths, labels, logits, fold, classes)
+OOF_FOLD = "oof_fold.npz"  # one fold run's share of them
+FOLD_MODEL = "checkpoints/model.pt"  # the weights a fold run keeps
+ENSEMBLE_FILE = "ensemble.json"
