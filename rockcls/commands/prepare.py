@@ -19,7 +19,7 @@ class PrepareConfig:
     data: str = option("", "folder with one sub-folder per class, or a CSV with img_path,label")
     img_size: int = option(224, "training resolution the cache is for (pixels)", min=16)
     cache_size: int = option(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
-    cache_dir: str = option("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
+    cache_dir: str = option("", "cache folder; empty = $ROCKCLS_CACHE_DIR, else $XDG_CACHE_HOME/rockcls, else ~/.cache/rockcls")
     workers: int = option(4, "decoding threads", min=1)
     skip_bad_images: bool = option(False, "warn and leave out unreadable images instead of failing")
 

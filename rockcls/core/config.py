@@ -77,7 +77,7 @@ class TrainConfig:
     skip_bad_images: bool = option(False, "warn and skip unreadable images instead of failing")
     cache: bool = option(True, "decode images once into a resized uint8 cache shared by runs")
     cache_size: int = option(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
-    cache_dir: str = option("", "cache folder; empty = $ROCKCLS_CACHE_DIR or ~/.cache/rockcls")
+    cache_dir: str = option("", "cache folder; empty = $ROCKCLS_CACHE_DIR, else $XDG_CACHE_HOME/rockcls, else ~/.cache/rockcls")
     output_dir: str = option("outputs", "local folder for checkpoints being written (resume reads it)")
     resume: str = option("", "parent run id of an interrupted train run to continue")
     config: str = option("", "YAML file with any of these keys, or a packaged preset name (seed)")

@@ -60,7 +60,7 @@ set_model(RockclsModel())
 MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting ensemble of k-fold train runs (every fold checkpoint of every member with a weight), made by `rockcls ensemble --register` or an Optuna study.
 
 * Load: `mlflow.pyfunc.load_model("models:/{name}@champion")`, or serve it with `mlflow models serve -m models:/{name}@champion`.
-* Input: a DataFrame with `img_path` (paths readable where the model runs) and/or `image_b64`.
+* Input: a DataFrame with `image_b64` (base64 images) and/or `img_path` (read only under an image root configured where the model runs: ROCKCLS_IMAGE_ROOT or model_config image_root; refused otherwise).
 * Output: `label`, one `prob_<class>` column per class, and `error` for images that could not be read.
 * `@champion` moves only to a version with a higher honest (cross-fitted) macro-F1, tag `rockcls.macro_f1`.
 """
