@@ -22,7 +22,6 @@ import argparse
 import base64
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -94,15 +93,6 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 1
         time.sleep(0.5)
     raise SystemExit(f"no /ping answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
 
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def group_rss_mb(pgid: int) -> float:
@@ -215,6 +205,8 @@ def check(spec: dict, status: int, text: str) -> tuple[list[str], int, dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rockcls.core.processes import stop_process_group
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=60, help="requests in all")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
@@ -248,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.stop.set()
             sampler.join()
         finally:
-            stop_server(proc)
+            stop_process_group(proc)
     problems, good, answers = [], 0, {}
     for spec, (status, text, _) in zip(specs, results):
         p, g, a = check(spec, status, text)

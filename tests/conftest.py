@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -73,15 +71,6 @@ def tiny_cfg():
     return tiny_config
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop a server started in its own session (uvicorn children included), this test's group only."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_for_a_new_timestamp_tick(ctime_ns: int) -> None:

@@ -18,10 +18,11 @@ import pandas as pd
 import pytest
 
 from rockcls.core import tracking
+from rockcls.core.processes import stop_process_group
 from rockcls.data.synthetic import EPS_BYTES, png_header_only
 from rockcls.runs import ensemble, registry
 from rockcls.training.trainer import run_training
-from tests.conftest import stop_group, tiny_config
+from tests.conftest import tiny_config
 
 NAME = "rockcls-serve"
 BIN = Path(sys.executable).parent
@@ -88,7 +89,7 @@ def server(champion, store, synthetic_dir):
             time.sleep(0.5)
         yield url
     finally:
-        stop_group(proc)
+        stop_process_group(proc)
         log.close()
 
 

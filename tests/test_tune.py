@@ -27,10 +27,11 @@ from rockcls.core import secrets
 from rockcls.core.config import build_config
 from rockcls.core.entry import run_command
 from rockcls.core.errors import ConfigError
+from rockcls.core.processes import stop_process_group
 from rockcls.data.synthetic import make_dataset
 from rockcls.training import trainer as training
 from tests import postgres
-from tests.conftest import stop_group, use_store
+from tests.conftest import use_store
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "search" / "tune.py"
@@ -429,7 +430,7 @@ def start_mlflow_server(backend: str, artifacts: Path, log_file: Path) -> tuple[
                     return server, url
         except OSError:
             time.sleep(0.5)
-    stop_group(server)
+    stop_process_group(server)
     raise AssertionError(f"mlflow server not healthy in time: {log_file.read_text()[-2000:]}")
 
 
@@ -477,7 +478,7 @@ def test_postgres_storage_and_tracking_server_with_two_tune_processes(pg_cluster
         assert [v.version for v in client.search_model_versions("name = 'pgmodel'")] == ["1"]
     finally:
         mlflow.set_tracking_uri(None)
-        stop_group(server)
+        stop_process_group(server)
 
 
 # ---------------------------------------------------------------------------- settings
