@@ -3,7 +3,7 @@
 Every train parameter given here (flag or ``--config`` YAML key) is fixed for all trials; the
 search varies the rest of lr, hn_ratio, balanced_ratio, hn_memory (and optionally
 label_smoothing, augment) within the ``--search-*`` ranges. Re-running the same command resumes
-the study up to ``--trials`` finished trials. See docs/tune.md.
+the study up to ``--trials`` finished trials. See docs/search.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import fields
 
 from rockcls.core import tracking
 from rockcls.core.config import TrainConfig, add_config_arguments, config_from_args
-from rockcls.study import TuneConfig, build_search_config, run_study
+from rockcls.search.space import TuneConfig, build_search_config
+from rockcls.search.study import run_study
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,13 +22,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from rockcls import study as study_mod
-from rockcls.core import secrets
+from rockcls.core import names, secrets
 from rockcls.core.config import build_config
 from rockcls.core.entry import run_command
 from rockcls.core.errors import ConfigError
 from rockcls.core.processes import stop_process_group
 from rockcls.data.synthetic import make_dataset
+from rockcls.search import space as search_space
+from rockcls.search import storage as search_storage
+from rockcls.search import study as search_study
+from rockcls.search import tickets as search_tickets
+from rockcls.search import trial as search_trial
+from rockcls.search import workers as search_workers
 from rockcls.training import trainer as training
 from tests import postgres
 from tests.conftest import use_store
@@ -112,7 +117,7 @@ def six(tmp_path_factory, data_dir):
         storage = f"sqlite:///{root / 'optuna.db'}"
         study = load_study(storage)
         yield {"code": code, "argv": argv, "root": root, "storage": storage, "study": study,
-               "run_id": study.user_attrs[study_mod.ATTR_RUN], "client": MlflowClient(), "seconds": seconds}
+               "run_id": study.user_attrs[search_space.ATTR_RUN], "client": MlflowClient(), "seconds": seconds}
     mlflow.set_tracking_uri(None)
 
 
@@ -147,14 +152,14 @@ def test_mlflow_status_of_each_trial_run_matches_its_optuna_state(six):
 def test_trial_that_raises_is_failed_with_its_reason_and_replaced(six):
     failed = six["study"].get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
-    assert failed[0].user_attrs[study_mod.REASON] == "FloatingPointError: loss is nan (injected)"
-    slot = failed[0].user_attrs[study_mod.SLOT]
+    assert failed[0].user_attrs[search_space.REASON] == "FloatingPointError: loss is nan (injected)"
+    slot = failed[0].user_attrs[search_space.SLOT]
     retry = [t for t in six["study"].get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-             if t.user_attrs[study_mod.SLOT] == slot]
-    assert len(retry) == 1 and retry[0].user_attrs[study_mod.ATTEMPT] == 1 and retry[0].number > failed[0].number
+             if t.user_attrs[search_space.SLOT] == slot]
+    assert len(retry) == 1 and retry[0].user_attrs[search_space.ATTEMPT] == 1 and retry[0].number > failed[0].number
     run = trial_runs(six["client"], six["run_id"])[failed[0].number]
     assert run.info.status == "FAILED"
-    assert run.data.tags[study_mod.REASON] == "FloatingPointError: loss is nan (injected)"
+    assert run.data.tags[search_space.REASON] == "FloatingPointError: loss is nan (injected)"
 
 
 def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
@@ -170,7 +175,7 @@ def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
     ensemble_run = client.get_run(client.get_run(run_id).data.tags["rockcls.ensemble_run"])
     assert ensemble_run.data.tags["mlflow.parentRunId"] == run_id and ensemble_run.info.status == "FINISHED"
     top2 = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value, reverse=True)[:2]
-    assert ensemble_run.data.tags["rockcls.members"].split(",") == [t.user_attrs[study_mod.RUN_ID] for t in top2]
+    assert ensemble_run.data.tags["rockcls.members"].split(",") == [t.user_attrs[search_space.RUN_ID] for t in top2]
     assert metrics["ensemble_macro_f1"] == pytest.approx(ensemble_run.data.metrics["ensemble_macro_f1"])
     version = client.get_model_version_by_alias("tunetest", "champion")
     assert version.tags["rockcls.ensemble_run"] == ensemble_run.info.run_id
@@ -180,7 +185,7 @@ def test_study_run_charts_the_best_value_so_far_over_finished_trials_and_describ
     client, run_id, study = six["client"], six["run_id"], six["study"]
     # step = complete + pruned trials so far (one process: trials finish in number order); a failed
     # trial is replaced, so it does not advance the curve
-    finished = [t for t in study.get_trials() if t.state in study_mod.FINISHED]
+    finished = [t for t in study.get_trials() if t.state in search_space.FINISHED]
     expected, best = {}, None
     for step, t in enumerate(finished, start=1):
         if t.state == TrialState.COMPLETE:
@@ -206,7 +211,7 @@ def test_rerun_resumes_to_the_same_total_and_more_trials_continue_it(six):
     assert run_command(tune.main, more) == 0
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 7 and len(study.get_trials()) == before + 1
-    assert sorted(t.user_attrs[study_mod.SLOT] for t in finished) == list(range(7))
+    assert sorted(t.user_attrs[search_space.SLOT] for t in finished) == list(range(7))
 
 
 def test_rerun_with_changed_settings_is_refused(six, capsys):
@@ -220,22 +225,22 @@ def test_rerun_with_changed_settings_is_refused(six, capsys):
 # ---------------------------------------------------------------------------- workers
 
 def test_two_worker_processes_finish_exactly_n_trials(mlflow_store, tmp_path, data_dir):
-    base, fixed = study_mod.build_search_config(dict(
+    base, fixed = search_space.build_search_config(dict(
         data=str(data_dir), backbone="test_efficientnet", pretrained=False, img_size=32, epochs=1, batch_size=16,
         num_workers=0, hn_memory=32, warmup_epochs=0.5))
-    tune_cfg = build_config(study_mod.TuneConfig, dict(trials=4, devices="cpu,cpu", pruner="none", top_k=0,
+    tune_cfg = build_config(search_space.TuneConfig, dict(trials=4, devices="cpu,cpu", pruner="none", top_k=0,
                                                        register=""))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     overlap = OverlapWorkers(storage)
     overlap.start()
-    outcome = study_mod.run_study(base, tune_cfg, fixed)
+    outcome = search_study.run_study(base, tune_cfg, fixed)
     overlap.join()
     assert outcome.worker_codes == [0, 0]
     study = load_study(storage)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, "exactly 4 trials, none extra"
-    assert sorted(t.user_attrs[study_mod.SLOT] for t in trials) == list(range(4))
-    assert len({t.user_attrs[study_mod.WORKER] for t in trials}) == 2 == len(overlap.workers), "both workers ran trials"
+    assert sorted(t.user_attrs[search_space.SLOT] for t in trials) == list(range(4))
+    assert len({t.user_attrs[names.WORKER] for t in trials}) == 2 == len(overlap.workers), "both workers ran trials"
     runs = trial_runs(MlflowClient(), outcome.study_run_id)
     assert sorted(runs) == [t.number for t in trials]
     assert all(r.info.status == "FINISHED" and r.data.tags.get("rockcls.complete") == "true" for r in runs.values())
@@ -260,11 +265,11 @@ class OverlapWorkers(threading.Thread):
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline and len(self.workers) < 2:
             trials = self.trials()
-            self.workers = {t.user_attrs[study_mod.WORKER] for t in trials if study_mod.WORKER in t.user_attrs}
+            self.workers = {t.user_attrs[names.WORKER] for t in trials if names.WORKER in t.user_attrs}
             if trials and not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
                 return  # the study ended
-            running = sorted(t.user_attrs[study_mod.WORKER] for t in trials
-                             if t.state == TrialState.RUNNING and study_mod.WORKER in t.user_attrs)
+            running = sorted(t.user_attrs[names.WORKER] for t in trials
+                             if t.state == TrialState.RUNNING and names.WORKER in t.user_attrs)
             if len(self.workers) >= 2 or not running:
                 time.sleep(0.2)
                 continue
@@ -274,8 +279,8 @@ class OverlapWorkers(threading.Thread):
                 end = time.monotonic() + 10  # short: the paused process may hold a SQLite lock
                 while time.monotonic() < end and len(self.workers) < 2:
                     time.sleep(0.2)
-                    self.workers |= {t.user_attrs[study_mod.WORKER] for t in self.trials()
-                                     if study_mod.WORKER in t.user_attrs}
+                    self.workers |= {t.user_attrs[names.WORKER] for t in self.trials()
+                                     if names.WORKER in t.user_attrs}
             finally:
                 os.kill(pid, signal.SIGCONT)
 
@@ -309,9 +314,9 @@ def test_sqlite_ticket_queue_hands_each_trial_to_exactly_one_process(tmp_path):
     """Plain Optuna on SQLite now and then hands one queued trial to two processes (measured: 21 of
     300 with 3 processes); the storage rockcls builds must not."""
     url, n = f"sqlite:///{tmp_path / 'queue.db'}", 40
-    storage = study_mod.build_storage(url, heartbeat=5, retries=0)
+    storage = search_storage.build_storage(url, heartbeat=5, retries=0)
     queue = optuna.create_study(study_name="queue", storage=storage)
-    study_mod.top_up_tickets(queue, n)
+    search_tickets.top_up_tickets(queue, n)
     outs = [tmp_path / f"ran{i}.txt" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", QUEUE_WORKER, url, str(n), str(out)]) for out in outs]
     assert [p.wait(timeout=180) for p in procs] == [0, 0]
@@ -336,19 +341,19 @@ DIES_AFTER_CLAIM = textwrap.dedent("""
 
 def test_worker_killed_right_after_claiming_a_ticket_is_retried_by_another(tmp_path):
     url = f"sqlite:///{tmp_path / 'queue.db'}"
-    storage = study_mod.build_storage(url, heartbeat=1, retries=1)
-    study_mod.top_up_tickets(optuna.create_study(study_name="queue", storage=storage), 1)
+    storage = search_storage.build_storage(url, heartbeat=1, retries=1)
+    search_tickets.top_up_tickets(optuna.create_study(study_name="queue", storage=storage), 1)
     victim = subprocess.run([sys.executable, "-c", DIES_AFTER_CLAIM, url], timeout=120)
     assert victim.returncode == -signal.SIGKILL
     assert [t.state for t in optuna.load_study(study_name="queue", storage=url).get_trials()] == [TrialState.RUNNING]
 
     # --timeout 0 waits for running trials without limit; this bound only keeps a failure from hanging.
-    survivor = study_mod.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+    survivor = search_tickets.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
                                      pruner=optuna.pruners.NopPruner(), target=1, poll_s=0.2,
                                      deadline=time.monotonic() + 120)
     try:
         survivor.optimize(lambda trial: 1.0)
-    except study_mod.NoTicketLeft:
+    except search_tickets.NoTicketLeft:
         pass
     states = [(t.state, t.system_attrs.get("failed_trial")) for t in survivor.get_trials()]
     assert states == [(TrialState.FAIL, None), (TrialState.COMPLETE, 0)]
@@ -372,8 +377,8 @@ def test_killed_worker_trial_is_failed_and_retried(mlflow_store, tmp_path, data_
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     client = MlflowClient()
-    run = trial_runs(client, study.user_attrs[study_mod.ATTR_RUN])[victim]
-    assert run.info.status == "FAILED" and run.data.tags[study_mod.REASON] == "worker lost (no heartbeat)"
+    run = trial_runs(client, study.user_attrs[search_space.ATTR_RUN])[victim]
+    assert run.info.status == "FAILED" and run.data.tags[search_space.REASON] == "worker lost (no heartbeat)"
     folds = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert folds and "RUNNING" not in {f.info.status for f in folds}, "no run of the lost trial left RUNNING"
 
@@ -452,15 +457,15 @@ def test_postgres_storage_and_tracking_server_with_two_tune_processes(pg_cluster
         for name in ("machine-a", "machine-b"):
             (tmp_path / name).mkdir()
             machines.append(subprocess.Popen(argv, env=env, cwd=tmp_path / name))
-        overlap = OverlapWorkers(study_mod.resolve_storage_url(storage, ""))
+        overlap = OverlapWorkers(search_storage.resolve_storage_url(storage, ""))
         overlap.run()
         assert [m.wait(timeout=400) for m in machines] == [0, 0]
         assert len(overlap.workers) == 2
 
-        study = optuna.load_study(study_name="rock-pg", storage=study_mod.resolve_storage_url(storage, ""))
+        study = optuna.load_study(study_name="rock-pg", storage=search_storage.resolve_storage_url(storage, ""))
         trials = study.get_trials()
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-        assert len({t.user_attrs[study_mod.WORKER] for t in trials}) == 2, "both processes ran trials"
+        assert len({t.user_attrs[names.WORKER] for t in trials}) == 2, "both processes ran trials"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         mlflow.set_tracking_uri(url)
         client = MlflowClient()
@@ -484,56 +489,56 @@ def test_postgres_storage_and_tracking_server_with_two_tune_processes(pg_cluster
 # ---------------------------------------------------------------------------- settings
 
 def test_search_space_parses_ranges_and_choices_and_names_bad_specs():
-    lr = study_mod.parse_dimension("lr", "1e-5:1e-2")
+    lr = search_space.parse_dimension("lr", "1e-5:1e-2")
     assert (lr.low, lr.high, lr.log, lr.integer) == (1e-5, 1e-2, True, False)
-    mem = study_mod.parse_dimension("hn_memory", "64:4096")
+    mem = search_space.parse_dimension("hn_memory", "64:4096")
     assert (mem.low, mem.high, mem.log, mem.integer) == (64, 4096, True, True)
-    assert study_mod.parse_dimension("hn_memory", "0,256,1024").choices == (0, 256, 1024)
-    assert study_mod.parse_dimension("augment", "light,seed").choices == ("light", "seed")
+    assert search_space.parse_dimension("hn_memory", "0,256,1024").choices == (0, 256, 1024)
+    assert search_space.parse_dimension("augment", "light,seed").choices == ("light", "seed")
     with pytest.raises(ConfigError, match=r"search_hn_ratio: must be <= 1.0, got 1.5"):
-        study_mod.parse_dimension("hn_ratio", "0:1.5")
+        search_space.parse_dimension("hn_ratio", "0:1.5")
     with pytest.raises(ConfigError, match=r"search_hn_memory: hn_memory is searched on a log scale"):
-        study_mod.parse_dimension("hn_memory", "0:4096")
+        search_space.parse_dimension("hn_memory", "0:4096")
     with pytest.raises(ConfigError, match=r"search_lr: expected LOW:HIGH with LOW < HIGH"):
-        study_mod.parse_dimension("lr", "1e-2:1e-5")
+        search_space.parse_dimension("lr", "1e-2:1e-5")
     with pytest.raises(ConfigError, match=r"search_augment: must be one of"):
-        study_mod.parse_dimension("augment", "seed,strong")
+        search_space.parse_dimension("augment", "seed,strong")
     with pytest.raises(ConfigError, match=r"to fix lr for all trials pass --lr"):
-        study_mod.parse_dimension("lr", "0.001")
+        search_space.parse_dimension("lr", "0.001")
 
 
 def test_given_train_parameters_are_fixed_and_folds_default_to_one(tmp_path):
-    base, fixed = study_mod.build_search_config({"data": "x", "lr": "0.01", "hn_ratio": None})
+    base, fixed = search_space.build_search_config({"data": "x", "lr": "0.01", "hn_ratio": None})
     assert base.folds == 1 and base.lr == 0.01 and fixed == ["lr"]
-    space = study_mod.build_search_space(study_mod.TuneConfig(), fixed)
+    space = search_space.build_search_space(search_space.TuneConfig(), fixed)
     assert [d.name for d in space] == ["hn_ratio", "balanced_ratio", "hn_memory"]
     yaml_file = tmp_path / "fixed.yaml"
     yaml_file.write_text("folds: 3\nhn_memory: 256\n")
-    base, fixed = study_mod.build_search_config({"data": "x", "config": str(yaml_file)})
+    base, fixed = search_space.build_search_config({"data": "x", "config": str(yaml_file)})
     assert base.folds == 3 and base.hn_memory == 256 and fixed == ["hn_memory"]
     with pytest.raises(ConfigError, match="nothing to search"):
-        study_mod.build_search_space(study_mod.TuneConfig(), ["lr", "hn_ratio", "balanced_ratio", "hn_memory"])
+        search_space.build_search_space(search_space.TuneConfig(), ["lr", "hn_ratio", "balanced_ratio", "hn_memory"])
     with pytest.raises(ConfigError, match="resume: not used by tune"):
-        study_mod.build_search_config({"data": "x", "resume": "abc"})
+        search_space.build_search_config({"data": "x", "resume": "abc"})
 
 
 def test_storage_urls_default_beside_mlflow_rewrite_postgres_and_mask_passwords(monkeypatch):
     monkeypatch.delenv(secrets.STORAGE_ENV, raising=False)
-    assert study_mod.resolve_storage_url("", "sqlite:////data/exp/mlflow.db") == "sqlite:////data/exp/optuna.db"
-    assert study_mod.resolve_storage_url("postgresql://u:pw@db:5432/optuna", "") == "postgresql+psycopg2://u:pw@db:5432/optuna"
+    assert search_storage.resolve_storage_url("", "sqlite:////data/exp/mlflow.db") == "sqlite:////data/exp/optuna.db"
+    assert search_storage.resolve_storage_url("postgresql://u:pw@db:5432/optuna", "") == "postgresql+psycopg2://u:pw@db:5432/optuna"
     assert secrets.mask_url("postgresql+psycopg2://u:pw@db:5432/optuna") == "postgresql+psycopg2://u:***@db:5432/optuna"
     # Generated passwords hold '@', ':' and '/': everything up to the last '@' is user info.
     assert secrets.mask_url("postgresql://u:p@ss:w/rd@db/optuna") == "postgresql://u:***@db/optuna"
     assert secrets.mask_url("sqlite:///file:/x.db?uri=true&PASSWORD=pw&a=1") == "sqlite:///file:/x.db?uri=true&PASSWORD=***&a=1"
     assert secrets.mask_url("sqlite:////data/a@b/mlflow.db") == "sqlite:////data/a@b/mlflow.db"
     with pytest.raises(ConfigError, match="storage: 'optuna.db' is not a database URL"):
-        study_mod.resolve_storage_url("optuna.db", "")
+        search_storage.resolve_storage_url("optuna.db", "")
     monkeypatch.setenv(secrets.STORAGE_ENV, "postgresql://u@db/optuna")  # password in ~/.pgpass
-    assert study_mod.resolve_storage_url("", "") == "postgresql+psycopg2://u@db/optuna"
-    assert study_mod.resolve_storage_url("sqlite:///given.db", "") == "sqlite:///given.db"
+    assert search_storage.resolve_storage_url("", "") == "postgresql+psycopg2://u@db/optuna"
+    assert search_storage.resolve_storage_url("sqlite:///given.db", "") == "sqlite:///given.db"
     monkeypatch.setenv(secrets.STORAGE_ENV, "u:hunter2@db")
     with pytest.raises(ConfigError, match=r"^ROCKCLS_STORAGE: 'u:\*\*\*@db' is not a database URL"):
-        study_mod.resolve_storage_url("", "")
+        search_storage.resolve_storage_url("", "")
 
 
 def test_remembered_passwords_are_masked_in_every_log_record_and_error_line(capsys):
@@ -601,25 +606,25 @@ def test_password_in_storage_under_mlflow_run_fails_and_deletes_that_run_and_gc_
 
 
 def test_devices_one_worker_per_gpu_and_cpu_workers():
-    assert study_mod.parse_devices("cpu, cpu") == ["cpu", "cpu"]
-    assert study_mod.parse_devices("") == []
+    assert search_workers.parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    assert search_workers.parse_devices("") == []
     with pytest.raises(ConfigError, match="devices: GPU 1 listed twice"):
-        study_mod.parse_devices("1,cuda:1")
+        search_workers.parse_devices("1,cuda:1")
     with pytest.raises(ConfigError, match="devices: 'gpu0' is neither a GPU id"):
-        study_mod.parse_devices("gpu0")
+        search_workers.parse_devices("gpu0")
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="devices: GPU\\(s\\) 0 requested but CUDA is not available"):
-            study_mod.parse_devices("0")
+            search_workers.parse_devices("0")
 
 
 def test_gpu_workers_are_pinned_to_one_device_each(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    env = study_mod.worker_env("1", ["0", "1"], {"CUDA_VISIBLE_DEVICES": "4,5", "PATH": "/bin"})
+    env = search_workers.worker_env("1", ["0", "1"], {"CUDA_VISIBLE_DEVICES": "4,5", "PATH": "/bin"})
     assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["PATH"] == "/bin"
-    assert study_mod.worker_env("2", ["2"], {})["CUDA_VISIBLE_DEVICES"] == "2"
-    cpu = study_mod.worker_env("cpu", ["cpu", "cpu"], {})
+    assert search_workers.worker_env("2", ["2"], {})["CUDA_VISIBLE_DEVICES"] == "2"
+    cpu = search_workers.worker_env("cpu", ["cpu", "cpu"], {})
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "4"
 
 
@@ -638,15 +643,15 @@ class FakeTrial:
 
 
 def test_pruning_steps_keep_folds_apart_and_skip_the_last_epoch(monkeypatch):
-    monkeypatch.setattr(study_mod, "find_trial_run", lambda *_: None)
+    monkeypatch.setattr(search_trial, "find_trial_run", lambda *_: None)
     trial = FakeTrial()
-    reporter = study_mod.EpochReporter(trial, folds=2, epochs=3, study_run_id="x")
+    reporter = search_trial.EpochReporter(trial, folds=2, epochs=3, study_run_id="x")
     for fold in range(2):
         for epoch in range(3):
             reporter(fold, epoch, {"val_macro_f1": 0.5})
     assert trial.reported == [0, 1, 2, 3, 4, 5], "step = fold * epochs + epoch"
     assert trial.asked == [0, 1, 2, 3, 4], "never asked after the final epoch"
-    pruned = study_mod.EpochReporter(FakeTrial(prune_at=3), folds=2, epochs=3, study_run_id="x")
+    pruned = search_trial.EpochReporter(FakeTrial(prune_at=3), folds=2, epochs=3, study_run_id="x")
     for epoch in range(3):
         pruned(0, epoch, {"val_macro_f1": 0.5})
     with pytest.raises(optuna.TrialPruned, match="fold 1 epoch 0: val macro-F1 0.5000"):

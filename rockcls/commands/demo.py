@@ -14,7 +14,8 @@ from rockcls.commands import ensemble, predict
 from rockcls.core import tracking
 from rockcls.core.config import TrainConfig, build_config
 from rockcls.data.synthetic import TEXTURES, make_dataset
-from rockcls.study import TuneConfig, build_search_config, run_study
+from rockcls.search.space import TuneConfig, build_search_config
+from rockcls.search.study import run_study
 from rockcls.training.trainer import run_training
 
 log = logging.getLogger("rockcls")

@@ -1,0 +1,1 @@
+"""The Optuna study behind search/tune.py: the search space and the study plan (space), storage URLs and secrets (storage), the ticket queue that gives exactly --trials trials (tickets), one trial as a train run (trial), worker processes (workers), the final report and ensemble (report), and run_study on top (study)."""

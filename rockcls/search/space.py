@@ -1,0 +1,255 @@
+"""What a study searches and with what: the tune config, the search dimensions parsed from --search-* options, the base train config and the plan every worker reads, the sampler and the pruner."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from rockcls.core import names, secrets
+from rockcls.core.config import (
+    TrainConfig,
+    build_config,
+    check_value,
+    coerce_value,
+    command_flags,
+    field_map,
+    field_type,
+    load_yaml,
+    option,
+)
+from rockcls.core.errors import ConfigError
+
+PRUNERS = ("median", "hyperband", "none")
+
+
+# Train settings the search may vary: (log scale, integer).
+SEARCHABLE = {"lr": (True, False), "hn_ratio": (False, False), "balanced_ratio": (False, False),
+              "hn_memory": (True, True), "label_smoothing": (False, False), "augment": (False, False)}
+
+
+# Settings that may differ between machines without changing what a trial computes.
+MACHINE_LOCAL = ("data", "device", "num_workers", "amp", "cache", "cache_size", "cache_dir", "output_dir",
+                 "resume", "config", "experiment")
+
+
+@dataclass
+class TuneConfig:
+    """Parameters of the study itself (train parameters are `TrainConfig`'s)."""
+
+    trials: int = option(50, "finished (complete + pruned) trials the study holds in total", min=1)
+    storage: str = option("", "Optuna storage (SQLAlchemy URL, best without a password: ~/.pgpass); empty = "
+                            "$ROCKCLS_STORAGE, else sqlite optuna.db next to the MLflow database")
+    study_name: str = option("", "study name; empty = derived from backbone, data and fixed settings")
+    pruner: str = option("median", "pruner of trials that fall behind", choices=PRUNERS)
+    devices: str = option("", "GPU ids, one worker process each (e.g. 0,1,2,3); 'cpu' entries add CPU workers; "
+                            "empty = one worker in this process")
+    timeout: float = option(0.0, "seconds after which workers start no new trial; 0 = no limit", min=0.0)
+    top_k: int = option(3, "best trials ensembled at the end; 0 = no ensemble", min=0)
+    register: str = option("rockcls", "registered model name of the ensemble; empty = do not register")
+    search_lr: str = option("1e-5:1e-3", "lr range LOW:HIGH (log scale) or choices A,B; empty = not searched")
+    search_hn_ratio: str = option("0:0.5", "hn_ratio range or choices; empty = not searched")
+    search_balanced_ratio: str = option("0:1", "balanced_ratio range or choices; empty = not searched")
+    search_hn_memory: str = option("64:4096", "hn_memory range (log scale) or choices such as 0,256,1024")
+    search_label_smoothing: str = option("", "label_smoothing range or choices; empty = not searched")
+    search_augment: str = option("", "augmentation presets to choose from, e.g. light,seed,winner")
+    baseline: bool = option(True, "first trial = the train defaults of the searched parameters")
+    sampler_startup: int = option(5, "random trials before the TPE sampler models the space", min=0)
+    pruner_startup: int = option(3, "completed trials before the median pruner prunes", min=0)
+    pruner_warmup: int = option(1, "epochs of the first fold before the median pruner prunes", min=0)
+    heartbeat: int = option(30, "seconds between heartbeats of a running trial; stale (retried) after 2x", min=1)
+    retries: int = option(2, "new attempts of a slot whose trial raised or whose worker died", min=0)
+
+
+def quiet_optuna() -> None:
+    """Heartbeats, stale-trial checks and the retry callback are 'experimental' in Optuna 5 and
+    warn on every use; Optuna's per-trial INFO lines duplicate rockcls' own."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def build_search_config(given: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+    """The train config every trial starts from, and the searchable names the user fixed.
+
+    ``given``: train parameters from the command line (None = not given). A parameter given
+    there or in the YAML ``config`` is fixed for every trial. Unlike `train`, ``folds``
+    defaults to 1: one stratified holdout split shared by all trials.
+    """
+    given = {k: v for k, v in given.items() if v is not None}
+    from_yaml = set(load_yaml(given["config"])) if given.get("config") else set()
+    overrides = dict(given)
+    if "folds" not in given and "folds" not in from_yaml:
+        overrides["folds"] = 1
+    cfg = build_config(TrainConfig, overrides)
+    if cfg.resume:
+        raise ConfigError("resume: not used by tune; re-run the same tune command to continue its study")
+    return cfg, sorted((set(given) | from_yaml) & set(SEARCHABLE))
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched train setting: a range (``low``..``high``) or ``choices``."""
+
+    name: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple = ()
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.choices:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        return value in self.choices if self.choices else self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.choices:
+            return ",".join(map(str, self.choices))
+        return f"{self.low}:{self.high}{' (log)' if self.log else ''}"
+
+
+def parse_dimension(name: str, spec: str) -> Dimension:
+    """``LOW:HIGH`` or ``A,B,...`` for train setting ``name``, checked against its valid values."""
+    fld = field_map(TrainConfig)[name]
+    typ, meta, key = field_type(fld), dict(fld.metadata), f"search_{name}"
+    log_scale, _ = SEARCHABLE[name]
+    if ":" in spec and typ is not str:
+        lo, hi = (coerce_value(key, part.strip(), typ) for part in spec.split(":", 1))
+        if not lo < hi:
+            raise ConfigError(f"{key}: expected LOW:HIGH with LOW < HIGH, got {spec!r}")
+        if log_scale and lo <= 0:
+            raise ConfigError(f"{key}: {name} is searched on a log scale, so LOW must be > 0 (got {spec!r}); "
+                              f"list choices such as 0,256,1024 to include 0")
+        for value in (lo, hi):
+            check_value(key, value, meta)
+        return Dimension(name, lo, hi, log=log_scale, integer=typ is int)
+    choices = tuple(dict.fromkeys(coerce_value(key, c.strip(), typ) for c in spec.split(",") if c.strip()))
+    if len(choices) < 2:
+        raise ConfigError(f"{key}: give a range LOW:HIGH or at least two choices A,B (got {spec!r}); "
+                          f"to fix {name} for all trials pass --{name.replace('_', '-')} instead")
+    for value in choices:
+        check_value(key, value, meta)
+    return Dimension(name, choices=choices)
+
+
+def build_search_space(tune: TuneConfig, fixed: Iterable[str] = ()) -> list[Dimension]:
+    fixed = set(fixed)
+    space = [parse_dimension(name, getattr(tune, f"search_{name}").strip()) for name in SEARCHABLE
+             if getattr(tune, f"search_{name}").strip() and name not in fixed]
+    if not space:
+        raise ConfigError("nothing to search: every searched parameter is fixed or has an empty search_* range")
+    return space
+
+
+def baseline_params(space: Sequence[Dimension]) -> dict[str, Any]:
+    """The train defaults of the searched settings (those inside their range): trial 0."""
+    defaults = TrainConfig()
+    return {d.name: getattr(defaults, d.name) for d in space if d.contains(getattr(defaults, d.name))}
+
+
+def study_identity(base: TrainConfig, space: Sequence[Dimension], data_fingerprint: str) -> dict[str, Any]:
+    """What makes two invocations the same study: data, fixed settings and search space."""
+    searched = {d.name for d in space}
+    fixed = {k: v for k, v in base.to_dict().items() if k not in MACHINE_LOCAL and k not in searched}
+    return {"data_fingerprint": data_fingerprint, "fixed": fixed,
+            "space": {d.name: d.describe() for d in space}}
+
+
+def default_study_name(identity: dict[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{identity['fixed']['backbone']}-{digest}"
+
+
+@dataclass
+class StudyPlan:
+    """Everything a worker needs; JSON so worker processes get it from a file."""
+
+    base: TrainConfig
+    tune: TuneConfig
+    fixed: list[str]
+    study_name: str
+    storage_url: str
+
+    @property
+    def space(self) -> list[Dimension]:
+        return build_search_space(self.tune, self.fixed)
+
+    @property
+    def steps(self) -> int:
+        return self.base.folds * self.base.epochs
+
+    def to_json(self) -> str:
+        return json.dumps({"base": self.base.to_dict(), "tune": dataclasses.asdict(self.tune),
+                           "fixed": self.fixed, "study_name": self.study_name, "storage_url": self.storage_url})
+
+    @classmethod
+    def from_json(cls, text: str) -> "StudyPlan":
+        d = json.loads(text)
+        return cls(build_config(TrainConfig, d["base"]), build_config(TuneConfig, d["tune"]), d["fixed"],
+                   d["study_name"], d["storage_url"])
+
+
+def build_sampler(plan: StudyPlan, worker: int, seen: int) -> optuna.samplers.BaseSampler:
+    # Seeded per worker and per resume, so workers and re-runs do not replay the same draws.
+    seed = (plan.base.seed * 1_000_003 + worker * 7919 + seen) % 2**31
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.tune.sampler_startup)
+
+
+def build_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup, n_warmup_steps=tune.pruner_warmup)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 1), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+ATTR_RUN, ATTR_IDENTITY, ATTR_READY = "rockcls.study_run_id", "rockcls.identity", "rockcls.ready"
+
+
+SLOT, ATTEMPT, RUN_ID, REASON = "rockcls.slot", "rockcls.attempt", "rockcls.run_id", names.FAIL_REASON
+
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+HELD = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+
+
+READY_WAIT_S = 60.0
+
+
+def describe_study(plan: StudyPlan, outcome: Any = None) -> str:
+    """Markdown for the study run: what is searched, the result so far and the command to resume it."""
+    base, space = plan.base, plan.space
+    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{base.backbone}` on "
+            f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
+            f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
+            f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")
+    tune = dataclasses.replace(plan.tune, storage=secrets.mask_url(plan.storage_url), study_name=plan.study_name)
+    train = dataclasses.replace(base, data=str(Path(base.data).resolve()))
+    flags = [*command_flags(tune), *command_flags(train, skip=("resume", "config"))]
+    command = " ".join(["python search/tune.py", *flags])
+    result = ""
+    if outcome is not None and outcome.best_trial is not None:
+        result = (f"\n\n**Best trial {outcome.best_trial}: macro-F1 {outcome.best_value:.4f}** "
+                  f"({', '.join(f'{k}={fmt_value(v)}' for k, v in outcome.best_params.items())}); "
+                  f"{outcome.finished} of {plan.tune.trials} trials finished.")
+        if outcome.baseline_value is not None:
+            result += f" Baseline (train defaults): {outcome.baseline_value:.4f}."
+    return f"{what}{result}\n\nRe-run to resume or extend it (same study):\n\n```\n{command}\n```"
+
+
+def fmt_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,165 @@
+"""One trial: a train run under the study run, its val macro-F1 reported to the pruner after every epoch, its outcome recorded on the trial and its run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from rockcls.core import names, tracking
+from rockcls.core.errors import RunStopped
+from rockcls.search.space import (
+    ATTEMPT,
+    FINISHED,
+    REASON,
+    RUN_ID,
+    SLOT,
+    StudyPlan,
+    fmt_value,
+)
+from rockcls.search.storage import find_trial_run
+from rockcls.search.tickets import slot_of
+from rockcls.training import trainer as training
+
+log = logging.getLogger("rockcls")
+
+
+class PrunedTrial(optuna.TrialPruned, RunStopped):
+    """Optuna stops the trial (it is a TrialPruned); its train and fold runs end KILLED, not FAILED."""
+
+
+
+
+class EpochReporter:
+    """``on_epoch_end`` hook: report val macro-F1 on step fold * epochs + epoch, log it on the
+    trial run, and stop the trial when the pruner says so (never at the last step: Hyperband
+    would prune a finished trial)."""
+
+    def __init__(self, trial: optuna.Trial, *, folds: int, epochs: int, study_run_id: str):
+        self.trial, self.epochs, self.study_run_id = trial, epochs, study_run_id
+        self.last_step = folds * epochs - 1
+        self.run_id: str | None = None
+
+    def __call__(self, fold: int, epoch: int, metrics: dict[str, float]) -> None:
+        step = fold * self.epochs + epoch
+        value = float(metrics["val_macro_f1"])
+        self.trial.report(value, step)
+        if self.run_id is None:
+            run = find_trial_run(self.study_run_id, self.trial.number)
+            self.run_id = run.info.run_id if run else None
+        if self.run_id:
+            tracking.log_metrics(self.run_id, {"val_macro_f1": value}, step=step)
+        if step < self.last_step and self.trial.should_prune():
+            raise PrunedTrial(f"fold {fold} epoch {epoch}: val macro-F1 {value:.4f}")
+
+
+class Objective:
+    """Suggestions -> train config -> `run_training`; returns the validation macro-F1."""
+
+    def __init__(self, plan: StudyPlan, study_run_id: str):
+        self.plan, self.space, self.study_run_id = plan, plan.space, study_run_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr(names.WORKER, f"{socket.gethostname()}:{os.getpid()}")
+        params = {d.name: d.suggest(trial) for d in self.space}
+        base = self.plan.base
+        reporter = EpochReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=self.study_run_id)
+        tags = {names.TRIAL: str(trial.number), names.STUDY: self.plan.study_name,
+                SLOT: str(trial.user_attrs.get(SLOT, "")), ATTEMPT: str(trial.user_attrs.get(ATTEMPT, ""))}
+        log.info("trial %d: %s", trial.number, ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items()))
+        try:
+            cfg = training.with_overrides(base, **params)
+            result = training.run_training(cfg, parent_run_id=self.study_run_id, kind="trial", tags=tags,
+                                           on_epoch_end=reporter)
+        except optuna.TrialPruned:
+            raise
+        except Exception as exc:
+            trial.set_user_attr(REASON, failure_reason(exc))
+            raise
+        finally:
+            release_memory()
+        trial.set_user_attr(RUN_ID, result.run_id)
+        return result.cv_macro_f1
+
+
+
+
+def failure_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def release_memory() -> None:
+    """A failed or pruned trial may leave its tensors behind (an out-of-memory error holds frames)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class TrialRecorder:
+    """After each trial: its state (and failure reason) on the trial run, drop the local files of
+    an unfinished trial, and a fresh ticket for the slot of a trial that raised."""
+
+    def __init__(self, plan: StudyPlan, study_run_id: str):
+        self.plan, self.study_run_id = plan, study_run_id
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = self.trial_run(trial)
+        reason = trial.user_attrs.get(REASON, "")
+        tags = {names.TRIAL_STATE: trial.state.name, names.EPOCHS_RUN: str(len(trial.intermediate_values)),
+                names.RUN_NAME: f"trial-{trial.number}"}
+        tracking.set_tags(run_id, {**tags, **({REASON: reason} if reason else {})})
+        if trial.state != TrialState.COMPLETE:
+            shutil.rmtree(training.run_dir(self.plan.base, run_id), ignore_errors=True)
+        detail = f"value {trial.value:.4f}" if trial.state == TrialState.COMPLETE else (
+            reason or f"after {len(trial.intermediate_values)} of {self.plan.steps} epochs")
+        log.info("trial %d %s (%s), run %s", trial.number, trial.state.name, detail, run_id)
+        log_progress(study, self.study_run_id)
+        if trial.state == TrialState.FAIL:
+            queue_replacement(study, trial, self.plan.tune.retries)
+
+    def trial_run(self, trial: FrozenTrial) -> str:
+        """The trial's MLflow run; one is made (FAILED) if the trial failed before training began."""
+        run = find_trial_run(self.study_run_id, trial.number)
+        if run is not None:
+            return run.info.run_id
+        run_id = tracking.start_run(experiment=self.plan.base.experiment, name=f"trial-{trial.number}", kind="trial",
+                                    parent_run_id=self.study_run_id,
+                                    tags={names.TRIAL: str(trial.number), names.STUDY: self.plan.study_name})
+        tracking.log_params(run_id, trial.params)
+        tracking.end_run(run_id, "FAILED")
+        return run_id
+
+
+def log_progress(study: optuna.Study, study_run_id: str) -> None:
+    """The study run's curves, one point per finished trial: the best value so far and the counts."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
+    step = sum(t.state in FINISHED for t in trials)
+    metrics = {"trials_complete": len(complete), "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+               "trials_failed": sum(t.state == TrialState.FAIL for t in trials)}
+    if complete:
+        metrics["best_macro_f1"] = max(complete)
+    tracking.log_metrics(study_run_id, metrics, step=step)
+
+
+def queue_replacement(study: optuna.Study, trial: FrozenTrial, retries: int) -> None:
+    slot, attempt = slot_of(trial), int(trial.user_attrs.get(ATTEMPT, 0))
+    if slot is None:
+        return
+    if attempt >= retries:
+        log.warning("slot %d: %d attempt(s) failed; left empty (re-run the command to try it again)", slot, attempt + 1)
+        return
+    study.enqueue_trial({}, user_attrs={SLOT: slot, ATTEMPT: attempt + 1})
+
+
+
+

@@ -1,0 +1,154 @@
+"""Worker processes, one per device (GPU id or cpu), each running trials until no ticket is left; `python -m rockcls.search.workers --plan PLAN` is one worker."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import optuna
+
+from rockcls.core import tracking
+from rockcls.core.errors import ConfigError
+from rockcls.search.space import (
+    ATTR_RUN,
+    StudyPlan,
+    build_pruner,
+    build_sampler,
+    quiet_optuna,
+)
+from rockcls.search.storage import build_storage
+from rockcls.search.tickets import NoTicketLeft, TicketStudy
+from rockcls.search.trial import Objective, TrialRecorder
+from rockcls.training import trainer as training
+
+log = logging.getLogger("rockcls")
+
+
+def parse_devices(text: str) -> list[str]:
+    """``0,1`` -> one GPU worker each (no device twice); ``cpu`` entries -> CPU workers."""
+    devices = []
+    for token in (t.strip().lower() for t in text.split(",") if t.strip()):
+        token = token.removeprefix("cuda:")
+        if token != "cpu" and not token.isdigit():
+            raise ConfigError(f"devices: {token!r} is neither a GPU id (0, 1, ...) nor 'cpu'")
+        if token != "cpu" and token in devices:
+            raise ConfigError(f"devices: GPU {token} listed twice (one worker per GPU)")
+        devices.append(token)
+    gpus = [d for d in devices if d != "cpu"]
+    if gpus:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"devices: GPU(s) {','.join(gpus)} requested but CUDA is not available here")
+        bad = [d for d in gpus if int(d) >= count]
+        if bad:
+            raise ConfigError(f"devices: GPU {bad[0]} does not exist (this machine shows {count})")
+    return devices
+
+
+def run_worker(plan: StudyPlan, worker: int = 0, device: str | None = None) -> None:
+    """Run tickets of the study until none is left (or the timeout passes)."""
+    quiet_optuna()
+    if device:
+        plan = dataclasses.replace(plan, base=training.with_overrides(plan.base, device=device))
+    storage = build_storage(plan.storage_url, heartbeat=plan.tune.heartbeat, retries=plan.tune.retries)
+    probe = optuna.load_study(study_name=plan.study_name, storage=storage)
+    study_run_id = probe.user_attrs[ATTR_RUN]
+    seen = sum(1 for t in probe.get_trials(deepcopy=False) if t.params)
+    timeout = plan.tune.timeout or None
+    study = TicketStudy(study_name=plan.study_name, storage=storage, sampler=build_sampler(plan, worker, seen),
+                        pruner=build_pruner(plan.tune, plan.steps), target=plan.tune.trials,
+                        deadline=time.monotonic() + timeout if timeout else None)
+    try:
+        study.optimize(Objective(plan, study_run_id), timeout=timeout, catch=(Exception,),
+                       callbacks=[TrialRecorder(plan, study_run_id)], gc_after_trial=True)
+    except NoTicketLeft:
+        pass
+
+
+def launch_workers(plan: StudyPlan, devices: Sequence[str]) -> list[int]:
+    """One worker process per device; returns their exit codes."""
+    with tempfile.TemporaryDirectory(prefix="rockcls-study-") as tmp:
+        spec = Path(tmp) / "plan.json"
+        spec.write_text(plan.to_json())
+        spec.chmod(0o600)  # the storage URL may hold a password
+        procs = []
+        for i, dev in enumerate(devices):
+            cmd = [sys.executable, "-m", "rockcls.search.workers", "--plan", str(spec), "--worker", str(i),
+                   "--device", "cpu" if dev == "cpu" else "cuda"]
+            procs.append(subprocess.Popen(cmd, env=worker_env(dev, devices, os.environ)))
+            log.info("worker %d: pid %d on %s", i, procs[-1].pid, "cpu" if dev == "cpu" else f"GPU {dev}")
+        try:
+            return [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            stop_workers(procs)
+            raise
+
+
+def worker_env(device: str, devices: Sequence[str], parent: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the worker on ``device``: pinned to its GPU (ids count within the
+    parent's CUDA_VISIBLE_DEVICES), or a CPU worker with its share of the cores."""
+    env = {**parent, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    if device == "cpu":
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices))))
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        return env
+    visible = [v.strip() for v in parent.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    env["CUDA_VISIBLE_DEVICES"] = visible[int(device)] if visible else device
+    return env
+
+
+def stop_workers(procs: Sequence[subprocess.Popen], grace_s: float = 60.0) -> None:
+    """SIGINT ends a worker's trial as KILLED; processes still alive after ``grace_s`` are killed."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_in_process(plan: StudyPlan) -> int:
+    run_worker(plan, 0)
+    return 0
+
+
+def build_worker_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rockcls.search.workers",
+                                     description="one worker of a rockcls study (started by search/tune.py)")
+    parser.add_argument("--plan", required=True, help="JSON plan written by the tune process")
+    parser.add_argument("--worker", type=int, default=0, help="worker index (seeds the sampler)")
+    parser.add_argument("--device", default="", help="train device of this worker (cpu, cuda)")
+    return parser
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    args = build_worker_parser().parse_args(argv)
+    tracking.set_program("search/tune.py (worker)")
+    plan = StudyPlan.from_json(Path(args.plan).read_text())
+    run_worker(plan, args.worker, args.device or None)
+    return 0
+
+
+if __name__ == "__main__":
+    from rockcls.core.entry import run_command
+    from rockcls.core.progress import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s w%(process)d %(levelname)s %(message)s", "%H:%M:%S"))
+    sys.exit(run_command(worker_main, sys.argv[1:]))
