@@ -1,4 +1,4 @@
-"""Tests for rockcls.ensemble: macro-F1 weight/bias search, cross-fitting, members, the command."""
+"""Tests for rockcls.runs.ensemble and the ensemble command: macro-F1 weight/bias search, cross-fitting, members, the command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for rockcls.predict: TTA views, batched prediction, fold averaging, the predict command."""
+"""Tests for rockcls.inference.predictor and the predict command: TTA views, batched prediction, fold averaging, the predict command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for rockcls.registry: the pyfunc ensemble model, registration and the champion alias."""
+"""Tests for rockcls.runs.registry: the pyfunc ensemble model, registration and the champion alias."""
 
 from __future__ import annotations
 

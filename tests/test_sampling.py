@@ -1,4 +1,4 @@
-"""Tests for rockcls.sampling: hard-negative memory and the mixture batch sampler."""
+"""Tests for rockcls.training.sampling: hard-negative memory and the mixture batch sampler."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for the Optuna study (rockcls.study, search/tune.py): tiny models on 40 synthetic images, CPU."""
+"""Tests for the Optuna study (rockcls.search, search/tune.py): tiny models on 40 synthetic images, CPU."""
 
 from __future__ import annotations
 
@@ -288,10 +288,10 @@ class OverlapWorkers(threading.Thread):
 QUEUE_WORKER = textwrap.dedent("""
     import os, sys, time
     import optuna
-    from rockcls import study as s
-    s.quiet_optuna()
-    storage = s.build_storage(sys.argv[1], heartbeat=5, retries=0)
-    study = s.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+    from rockcls.search import space as sp, storage as st, tickets as tk
+    sp.quiet_optuna()
+    storage = st.build_storage(sys.argv[1], heartbeat=5, retries=0)
+    study = tk.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
                           pruner=optuna.pruners.NopPruner(), target=int(sys.argv[2]), poll_s=0.05)
     open(sys.argv[3] + ".ready", "w").close()
     while len([p for p in os.listdir(os.path.dirname(sys.argv[3])) if p.endswith(".ready")]) < 2:
@@ -303,7 +303,7 @@ QUEUE_WORKER = textwrap.dedent("""
         return trial.suggest_float("x", 0, 1)
     try:
         study.optimize(objective)
-    except s.NoTicketLeft:
+    except tk.NoTicketLeft:
         pass
     with open(sys.argv[3], "w") as f:
         f.write(" ".join(map(str, ran)))
@@ -329,10 +329,10 @@ def test_sqlite_ticket_queue_hands_each_trial_to_exactly_one_process(tmp_path):
 DIES_AFTER_CLAIM = textwrap.dedent("""
     import os, signal, sys
     import optuna
-    from rockcls import study as s
-    s.quiet_optuna()
-    storage = s.build_storage(sys.argv[1], heartbeat=1, retries=1)
-    study = s.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
+    from rockcls.search import space as sp, storage as st, tickets as tk
+    sp.quiet_optuna()
+    storage = st.build_storage(sys.argv[1], heartbeat=1, retries=1)
+    study = tk.TicketStudy(study_name="queue", storage=storage, sampler=optuna.samplers.RandomSampler(),
                           pruner=optuna.pruners.NopPruner(), target=1)
     study.ask()  # the ticket is ours: now die before Optuna's heartbeat thread ever starts
     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,4 +1,6 @@
-"""Everything MLflow: runs, params, metrics, artifacts. The only module that imports mlflow.
+"""Everything about runs in MLflow: experiments, runs, params, metrics, artifacts, and the context
+manager that ends a run (`closing`). The registry and the pyfunc model are in `rockcls.runs.registry`;
+the other modules log only through this one.
 
 Runs are addressed by id through ``MlflowClient`` (no global active-run stack), so a train
 run can nest under a study/trial run and several processes can log side by side.

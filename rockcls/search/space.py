@@ -82,7 +82,7 @@ def build_search_config(given: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
     there or in the YAML ``config`` is fixed for every trial. Unlike `train`, ``folds``
     defaults to 1: one stratified holdout split shared by all trials.
     """
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {k: v for k, v in given.items() if v is not None and v != ""}  # "" = not given (MLproject)
     from_yaml = set(load_yaml(given["config"])) if given.get("config") else set()
     overrides = dict(given)
     if "folds" not in given and "folds" not in from_yaml:
