@@ -12,6 +12,8 @@ import optuna
 from optuna.trial import TrialState
 
 from rockcls.core import names, secrets, tracking
+from rockcls.runs import ensemble
+from rockcls.runs.registry import register_ensemble
 from rockcls.search.space import FINISHED, RUN_ID, StudyPlan, describe_study, fmt_value
 
 log = logging.getLogger("rockcls")
@@ -153,8 +155,6 @@ def log_study_plots(study: optuna.Study, run_id: str) -> None:
 def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOutcome) -> None:
     """Weighted soft voting of the top-K completed trials (the ensemble entry point's fit, with
     its cross-fitted score), logged under the study run and registered if asked."""
-    from rockcls.runs import ensemble
-
     ranked = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.value,
                     reverse=True)
     run_ids = [t.user_attrs[RUN_ID] for t in ranked if t.user_attrs.get(RUN_ID)][:plan.tune.top_k]
@@ -167,16 +167,10 @@ def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOut
                                    tags={names.STUDY: plan.study_name},
                                    command=f"python -m rockcls ensemble --runs {','.join(run_ids)} "
                                            f"--seed {plan.base.seed} --tta {tta}")
-    try:
+    with tracking.closing(run_id):
         if plan.tune.register:
-            from rockcls.runs.registry import register_ensemble
-
             outcome.registration = register_ensemble(fit, name=plan.tune.register, run_id=run_id,
-                                                           tta=tta).summary()
-    except BaseException:
-        tracking.end_run(run_id, "FAILED")
-        raise
-    tracking.end_run(run_id, "FINISHED")
+                                                     tta=tta).summary()
     outcome.ensemble_run_id, outcome.ensemble_score = run_id, fit.crossfit_score
     tracking.log_metrics(outcome.study_run_id, {"ensemble_macro_f1": fit.crossfit_score,
                                                 "ensemble_insample_macro_f1": fit.insample_score},

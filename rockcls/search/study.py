@@ -17,12 +17,14 @@ from __future__ import annotations
 from typing import Sequence
 
 import optuna
+import timm
 
 from rockcls.core import tracking
 from rockcls.core.config import (
     TrainConfig,
 )
 from rockcls.core.errors import ConfigError
+from rockcls.data.index import content_fingerprint, make_folds
 from rockcls.search.report import (
     StudyOutcome,
     close_study_run,
@@ -50,10 +52,6 @@ from rockcls.training import trainer as training
 
 def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) -> StudyOutcome:
     """Create or resume the study, run its workers, then summarise and ensemble it."""
-    import timm
-
-    from rockcls.data.index import content_fingerprint, make_folds
-
     quiet_optuna()
     refuse_logged_password(tune.storage)
     warn_visible_password(tune.storage)
