@@ -13,9 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from rockcls.commands import ensemble as ensemble_cmd
 from rockcls.commands import predict
-from rockcls.core import errors as tracking_errors
 from rockcls.core import names, tracking
-from rockcls.core.errors import ConfigError
+from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.runs import ensemble
 from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
@@ -62,12 +61,21 @@ def test_mlflow_experiment_name_variable_wins_over_the_default(mlflow_store, mon
 
 
 def test_searching_a_missing_experiment_does_not_create_it(mlflow_store) -> None:
-    with pytest.raises(tracking_errors.RockclsError, match="experiment 'nowhere' not found"):
+    with pytest.raises(RockclsError, match="experiment 'nowhere' not found"):
         ensemble.top_runs("nowhere", 2)
     assert MlflowClient().get_experiment_by_name("nowhere") is None
     tracking.experiment_id("")
-    with pytest.raises(tracking_errors.RockclsError, match="experiment 'rockcls' has no completed train run"):
+    with pytest.raises(RockclsError, match="experiment 'rockcls' has no completed train run"):
         ensemble.top_runs("", 2)  # the error names the experiment searched, not the empty option
+
+
+def test_params_mlflow_run_logged_empty_are_resolved_without_a_conflict(mlflow_store) -> None:
+    run_id = tracking.start_run(experiment="", name="t", kind="train")
+    MlflowClient().log_param(run_id, "lr", "''")  # how `mlflow run` logs a parameter left empty
+    MlflowClient().log_param(run_id, "epochs", "9")
+    assert tracking.log_params(run_id, {"lr": 0.002, "epochs": 4}) == ["epochs"]  # only a real conflict
+    params = tracking.get_run(run_id).data.params
+    assert (params["lr"], params["resolved.lr"], params["resolved.epochs"]) == ("''", "0.002", "4")
 
 
 # ---------------------------------------------------------------------------- what the UI shows

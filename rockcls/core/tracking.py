@@ -36,6 +36,8 @@ from rockcls.core.errors import ConfigError, RockclsError, RunStopped  # noqa: E
 DEFAULT_EXPERIMENT = "rockcls"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment
 MAX_PARAM_LEN = 6000
+# How `mlflow run` logs a parameter left empty (it logs the shell-quoted value).
+NOT_GIVEN = ("", "''")
 # One line per item: the MLflow UI renders a single newline as a line break.
 EXPERIMENT_NOTE = """Runs of rockcls image classification, one kind per `rockcls.kind` tag:
 
@@ -239,7 +241,7 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> list[str]:
     for key, value in params.items():
         text = str(value)[:MAX_PARAM_LEN]
         if key in existing and existing[key] != text and not _same_number(existing[key], text):
-            if existing[key] != "":
+            if existing[key] not in NOT_GIVEN:
                 conflicts.append(key)
             key = f"resolved.{key}"
         if existing.get(key) is None:
