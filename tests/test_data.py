@@ -1,4 +1,4 @@
-"""Indexing, decoding and validation of datasets on disk (rockcls.data), bad input included."""
+"""Indexing, decoding and validation of datasets on disk (rockcls.data: images, index, sources), bad input included."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tensor-side augmentations (rockcls.transforms) against numpy and albumentations."""
+"""The tensor-side augmentations (rockcls.training.transforms) against numpy and albumentations."""
 
 from __future__ import annotations
 

@@ -138,7 +138,7 @@ def _run_python(code: str, env: dict[str, str], timeout: float = 120) -> subproc
 
 def test_the_hub_unreachable_fails_in_seconds_with_one_line(tmp_path) -> None:
     code = ("import time, sys\n"
-            "from rockcls.models import build_model\n"
+            "from rockcls.training.models import build_model\n"
             "t = time.perf_counter()\n"
             "try:\n    build_model('test_efficientnet', 3, pretrained=True)\n"
             "except Exception as e:\n    print(type(e).__name__, round(time.perf_counter() - t, 1), e)\n")
@@ -161,7 +161,7 @@ def test_pretrained_true_loads_from_the_local_hub_cache_without_network(tmp_path
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     torch.save(model.state_dict(), tmp_path / "expected.pt")
-    code = ("import torch\nfrom rockcls.models import build_model_with_report\n"
+    code = ("import torch\nfrom rockcls.training.models import build_model_with_report\n"
             "m, r = build_model_with_report('test_efficientnet', 3, pretrained=True)\n"
             f"ref = torch.load({str(tmp_path / 'expected.pt')!r})\n"
             "print(r.summary(), torch.equal(m.conv_stem.weight, ref['conv_stem.weight']))\n")

@@ -232,6 +232,13 @@ def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
     _retry(client().log_batch, run_id, tags=batch)
 
 
+def param(run: Any, key: str, default: str = "") -> str:
+    """The value a run used: ``resolved.<key>`` where `log_params` had to put it (the parameter was
+    given to ``mlflow run`` empty or otherwise), else ``<key>``."""
+    params = run.data.params
+    return params.get(f"resolved.{key}", params.get(key, default))
+
+
 def log_params(run_id: str, params: Mapping[str, Any]) -> list[str]:
     """Log params; a key already logged with another value (``mlflow run`` logs the raw -P
     values, empty for a parameter not given) is kept and the resolved value goes to

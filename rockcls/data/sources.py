@@ -48,7 +48,7 @@ def validate_images(index: DatasetIndex, *, skip_bad: bool, cache_dir: Path | No
     DataError names it with the counts by kind.
 
     With ``cache_size`` (and a ``cache_dir``) the same decode pass also fills the decoded-image
-    cache at that resolution (`rockcls.cache`), so a first run decodes each file once, not twice.
+    cache at that resolution (`rockcls.data.cache`), so a first run decodes each file once, not twice.
     A second run on unchanged files decodes nothing.
     """
     reasons = _cached_check(index.paths, cache_dir, workers, progress, cache_size)

@@ -4,7 +4,7 @@ Every model (fold checkpoint, ensemble member) turns a batch into softmax probab
 averaged over TTA views and models (weighted for an ensemble). The "logits" that prediction
 returns and saves are the log of that average plus the ensemble's per-class bias (zero for a train
 run): the argmax of those scores is the predicted class, and their softmax is the reported
-probability. The ensemble search (``rockcls.ensemble``) scores its weights with the same rule.
+probability. The ensemble search (``rockcls.runs.ensemble``) scores its weights with the same rule.
 
 An image that cannot be read is never given a default class: its row keeps an empty label, NaN
 scores and the reason in ``error``, and the command warns naming it (it fails if none is readable)."""

@@ -1,6 +1,6 @@
 """Weighted soft voting of train runs, fitted for macro-F1 on their out-of-fold predictions.
 
-Decision rule (the same as `rockcls.predict`): ``argmax_c log(sum_m w_m softmax(z_m))_c + b_c``,
+Decision rule (the same as `rockcls.inference.predictor`): ``argmax_c log(sum_m w_m softmax(z_m))_c + b_c``,
 weights ``w`` on the simplex and an optional per-class bias ``b``.
 
 A search over weights and bias always wins in-sample and often loses on new data: on small OOF
@@ -67,7 +67,7 @@ def load_member(run_id: str) -> Member:
     with np.load(tracking.download(run_id, names.OOF_LOGITS), allow_pickle=False) as z:
         return Member(run_id, run.data.tags.get(names.RUN_NAME, run_id[:8]), z["ids"], z["labels"],
                       z["fold"], z["logits"].astype(np.float32), [str(c) for c in z["classes"]],
-                      dict(run.data.tags), run.data.params.get("tta", "none"))
+                      dict(run.data.tags), tracking.param(run, "tta", "none"))
 
 
 def load_members(run_ids: Sequence[str]) -> list[Member]:

@@ -336,7 +336,8 @@ def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "
         work = Path(tmp)
         _, artifacts = pack_ensemble(fit, tta, work)
         code = work / "code" / "rockcls"
-        shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(Path(__file__).parents[1], code,  # the whole rockcls package
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         model_file = work / "rockcls_model.py"
         model_file.write_text(MODEL_CODE)
         return mlflow.models.Model.log(
