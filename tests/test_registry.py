@@ -222,7 +222,7 @@ def test_logged_model_has_signature_example_manifest_and_installable_requirement
     assert manifest["tta"] == "d4" and manifest["classes"] == fit.classes
     assert [m["weight"] for m in manifest["members"]] == [0.7, 0.3]
     assert len(list(root.rglob("member*_fold*.pt"))) == 4
-    assert (root / "code" / "rockcls" / "registry.py").is_file()
+    assert (root / "code" / "rockcls" / "runs" / "registry.py").is_file()  # the package travels with the model
 
 
 LOAD_WITHOUT_INSTALLED_ROCKCLS = """
