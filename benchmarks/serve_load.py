@@ -80,19 +80,11 @@ def start_server(work: Path, uri: str, root: Path, port: int) -> subprocess.Pope
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"no /ping answer in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+    from rockcls.core.processes import wait_for_http
 
+    why = wait_for_http(proc, f"{url}/ping", timeout=timeout_s)
+    if why:
+        raise SystemExit(f"server {why} (/ping):\n{log.read_text()[-3000:]}")
 
 
 def group_rss_mb(pgid: int) -> float:

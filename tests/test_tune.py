@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -26,7 +25,7 @@ from rockcls.core import names, secrets
 from rockcls.core.config import build_config
 from rockcls.core.entry import run_command
 from rockcls.core.errors import ConfigError
-from rockcls.core.processes import stop_process_group
+from rockcls.core.processes import stop_process_group, wait_for_http
 from rockcls.data.synthetic import make_dataset
 from rockcls.search import space as search_space
 from rockcls.search import storage as search_storage
@@ -425,18 +424,11 @@ def start_mlflow_server(backend: str, artifacts: Path, log_file: Path) -> tuple[
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     server = subprocess.Popen(cmd, env=env, stdout=log_file.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow server exited: {log_file.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return server, url
-        except OSError:
-            time.sleep(0.5)
+    why = wait_for_http(server, f"{url}/health", timeout=120)
+    if not why:
+        return server, url
     stop_process_group(server)
-    raise AssertionError(f"mlflow server not healthy in time: {log_file.read_text()[-2000:]}")
+    raise AssertionError(f"mlflow server {why}: {log_file.read_text()[-2000:]}")
 
 
 def test_postgres_storage_and_tracking_server_with_two_tune_processes(pg_cluster, tmp_path, data_dir, monkeypatch):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
+import urllib.request
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -19,3 +21,20 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def wait_for_http(proc: subprocess.Popen, url: str, *, timeout: float, poll: float = 0.5) -> str:
+    """Poll ``url`` until it answers 200 while ``proc`` (the server) runs. Returns "" when it
+    answers, else why not: "exited with N" or "no answer in T s"."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return ""
+        except OSError:
+            pass
+        time.sleep(poll)
+    return f"no answer in {timeout:.0f} s"
