@@ -14,7 +14,7 @@ from dataclasses import fields
 
 from rockcls.core import tracking
 from rockcls.core.config import TrainConfig, add_config_arguments, config_from_args
-from rockcls.search.space import TuneConfig, build_search_config
+from rockcls.search.space import STUDY_OWNED, TuneConfig, build_search_config
 from rockcls.search.study import run_study
 
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Optuna study over rockcls training runs, tracked in MLflow")
     add_config_arguments(parser.add_argument_group("study"), TuneConfig)
     add_config_arguments(parser.add_argument_group("training (a value given here is fixed for every trial)"),
-                         TrainConfig)
+                         TrainConfig, skip=STUDY_OWNED)
     return parser
 
 
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     tracking.set_program("search/tune.py")
     tune = config_from_args(TuneConfig, ns)
-    base, fixed = build_search_config({f.name: getattr(ns, f.name) for f in fields(TrainConfig)})
+    base, fixed = build_search_config({f.name: getattr(ns, f.name) for f in fields(TrainConfig)
+                                       if f.name not in STUDY_OWNED})
     outcome = run_study(base, tune, fixed)
     print(outcome.summary())
     return 1 if any(outcome.worker_codes) else 0

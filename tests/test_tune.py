@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from rockcls.core import names, secrets
+from rockcls.core import devices, names, secrets
 from rockcls.core.config import build_config
 from rockcls.core.entry import run_command
 from rockcls.core.errors import ConfigError
@@ -598,23 +598,23 @@ def test_password_in_storage_under_mlflow_run_fails_and_deletes_that_run_and_gc_
 
 
 def test_devices_one_worker_per_gpu_and_cpu_workers():
-    assert search_workers.parse_devices("cpu, cpu") == ["cpu", "cpu"]
-    assert search_workers.parse_devices("") == []
+    assert devices.parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    assert devices.parse_devices("") == []
     with pytest.raises(ConfigError, match="devices: GPU 1 listed twice"):
-        search_workers.parse_devices("1,cuda:1")
+        devices.parse_devices("1,cuda:1")
     with pytest.raises(ConfigError, match="devices: 'gpu0' is neither a GPU id"):
-        search_workers.parse_devices("gpu0")
+        devices.parse_devices("gpu0")
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="devices: GPU\\(s\\) 0 requested but CUDA is not available"):
-            search_workers.parse_devices("0")
+            devices.parse_devices("0")
 
 
 def test_gpu_workers_are_pinned_to_one_device_each(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     env = search_workers.worker_env("1", ["0", "1"], {"CUDA_VISIBLE_DEVICES": "4,5", "PATH": "/bin"})
-    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["PATH"] == "/bin"
+    assert env["CUDA_VISIBLE_DEVICES"] == "5" and env["PATH"] == "/bin" and env["MLFLOW_TRACKING_URI"]
     assert search_workers.worker_env("2", ["2"], {})["CUDA_VISIBLE_DEVICES"] == "2"
     cpu = search_workers.worker_env("cpu", ["cpu", "cpu"], {})
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "4"

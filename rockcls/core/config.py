@@ -71,6 +71,10 @@ class TrainConfig:
     grad_clip: float = option(0.0, "gradient-norm clipping; 0 = off", min=0.0)
     num_workers: int = option(2, "DataLoader worker processes", min=0)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    devices: str = option("", "train the folds concurrently, one process per entry: GPU ids (0,1,2,3) and/or "
+                              "cpu; empty = one fold after another in this process")
+    sync_bn: bool = option(False, "SyncBatchNorm across the ranks of a torchrun job (BatchNorm statistics "
+                                  "over the global batch)")
     seed: int = option(42, "seed of initialisation, sampling and augmentation", min=0)
     split_seed: int = option(42, "seed of the fold split (members of one ensemble share it)", min=0)
     experiment: str = option("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")
@@ -200,10 +204,13 @@ def _flags(name: str, prefix: str = "") -> list[str]:
     return [dashed] + ([f"--{prefix.replace('-', '_')}{name}"] if "_" in name else [])
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field. Booleans are switches (``--flag`` true, ``--no-flag`` false) that also
-    take a value (``--flag false``), because MLproject commands pass every value explicitly."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field (but those in ``skip``). Booleans are switches (``--flag`` true,
+    ``--no-flag`` false) that also take a value (``--flag false``), because MLproject commands pass
+    every value explicitly."""
     for f in fields(cls):
+        if f.name in skip:
+            continue
         typ = field_type(f)
         help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
         if typ is not bool:

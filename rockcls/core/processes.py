@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from typing import Sequence
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
@@ -38,3 +39,18 @@ def wait_for_http(proc: subprocess.Popen, url: str, *, timeout: float, poll: flo
             pass
         time.sleep(poll)
     return f"no answer in {timeout:.0f} s"
+
+
+def interrupt_processes(procs: Sequence[subprocess.Popen], grace_s: float = 60.0) -> None:
+    """SIGINT each process still running (a rockcls command ends its runs as KILLED on it), then
+    SIGKILL those still alive after ``grace_s`` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

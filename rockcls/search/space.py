@@ -75,6 +75,10 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+# Train settings the study decides itself: its workers are the parallelism (one trial per device).
+STUDY_OWNED = ("devices",)
+
+
 def build_search_config(given: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
     """The train config every trial starts from, and the searchable names the user fixed.
 
@@ -90,6 +94,9 @@ def build_search_config(given: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
     cfg = build_config(TrainConfig, overrides)
     if cfg.resume:
         raise ConfigError("resume: not used by tune; re-run the same tune command to continue its study")
+    if cfg.devices:
+        raise ConfigError("devices: a train setting tune does not use; the study's --devices runs one trial "
+                          "per device")
     return cfg, sorted((set(given) | from_yaml) & set(SEARCHABLE))
 
 

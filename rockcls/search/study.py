@@ -23,6 +23,7 @@ from rockcls.core import tracking
 from rockcls.core.config import (
     TrainConfig,
 )
+from rockcls.core.devices import parse_devices
 from rockcls.core.errors import ConfigError
 from rockcls.data.index import content_fingerprint, make_folds
 from rockcls.search.report import (
@@ -46,7 +47,7 @@ from rockcls.search.storage import (
     warn_visible_password,
 )
 from rockcls.search.tickets import open_study
-from rockcls.search.workers import launch_workers, parse_devices, run_in_process
+from rockcls.search.workers import launch_workers, run_in_process
 from rockcls.training import trainer as training
 
 

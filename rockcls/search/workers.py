@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,8 @@ from typing import Mapping, Sequence
 import optuna
 
 from rockcls.core import tracking
-from rockcls.core.errors import ConfigError
+from rockcls.core.devices import child_device, device_env
+from rockcls.core.processes import interrupt_processes
 from rockcls.search.space import (
     ATTR_RUN,
     StudyPlan,
@@ -31,29 +31,6 @@ from rockcls.search.trial import Objective, TrialRecorder
 from rockcls.training import trainer as training
 
 log = logging.getLogger("rockcls")
-
-
-def parse_devices(text: str) -> list[str]:
-    """``0,1`` -> one GPU worker each (no device twice); ``cpu`` entries -> CPU workers."""
-    devices = []
-    for token in (t.strip().lower() for t in text.split(",") if t.strip()):
-        token = token.removeprefix("cuda:")
-        if token != "cpu" and not token.isdigit():
-            raise ConfigError(f"devices: {token!r} is neither a GPU id (0, 1, ...) nor 'cpu'")
-        if token != "cpu" and token in devices:
-            raise ConfigError(f"devices: GPU {token} listed twice (one worker per GPU)")
-        devices.append(token)
-    gpus = [d for d in devices if d != "cpu"]
-    if gpus:
-        import torch
-
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"devices: GPU(s) {','.join(gpus)} requested but CUDA is not available here")
-        bad = [d for d in gpus if int(d) >= count]
-        if bad:
-            raise ConfigError(f"devices: GPU {bad[0]} does not exist (this machine shows {count})")
-    return devices
 
 
 def run_worker(plan: StudyPlan, worker: int = 0, device: str | None = None) -> None:
@@ -85,41 +62,19 @@ def launch_workers(plan: StudyPlan, devices: Sequence[str]) -> list[int]:
         procs = []
         for i, dev in enumerate(devices):
             cmd = [sys.executable, "-m", "rockcls.search.workers", "--plan", str(spec), "--worker", str(i),
-                   "--device", "cpu" if dev == "cpu" else "cuda"]
+                   "--device", child_device(dev)]
             procs.append(subprocess.Popen(cmd, env=worker_env(dev, devices, os.environ)))
             log.info("worker %d: pid %d on %s", i, procs[-1].pid, "cpu" if dev == "cpu" else f"GPU {dev}")
         try:
             return [p.wait() for p in procs]
         except KeyboardInterrupt:
-            stop_workers(procs)
+            interrupt_processes(procs)
             raise
 
 
 def worker_env(device: str, devices: Sequence[str], parent: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the worker on ``device``: pinned to its GPU (ids count within the
-    parent's CUDA_VISIBLE_DEVICES), or a CPU worker with its share of the cores."""
-    env = {**parent, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
-    if device == "cpu":
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, sum(d == "cpu" for d in devices))))
-        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        return env
-    visible = [v.strip() for v in parent.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    env["CUDA_VISIBLE_DEVICES"] = visible[int(device)] if visible else device
-    return env
-
-
-def stop_workers(procs: Sequence[subprocess.Popen], grace_s: float = 60.0) -> None:
-    """SIGINT ends a worker's trial as KILLED; processes still alive after ``grace_s`` are killed."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    """A worker's environment: pinned to its device, logging to this process's tracking store."""
+    return {**device_env(device, devices, parent), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
 
 
 def run_in_process(plan: StudyPlan) -> int:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from rockcls.core.progress import track
+from rockcls.training import distributed
+from rockcls.training.distributed import SINGLE, Dist
 from rockcls.training.sampling import HardNegativeMemory
 from rockcls.training.transforms import DeviceAugment, dihedral, normalize
 
@@ -53,8 +55,14 @@ class NonFiniteLoss(RuntimeError):
 def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
                     s: StepSettings, *, lr_at: Callable[[int], float], start_step: int,
                     augment: DeviceAugment | None = None, memory: HardNegativeMemory | None = None,
-                    ema=None, scaler: torch.amp.GradScaler | None = None, desc: str = "train") -> dict:
-    """Train for one pass over ``loader``; update the hard-negative memory after every step."""
+                    ema=None, scaler: torch.amp.GradScaler | None = None, desc: str = "train",
+                    dist: Dist = SINGLE) -> dict:
+    """Train for one pass over ``loader``; update the hard-negative memory after every step.
+
+    Under torchrun (``dist``) ``model`` is DistributedDataParallel and ``loader`` yields this
+    rank's shard: gradients are all-reduced once per optimizer step (``no_sync`` in between), the
+    memory is fed every rank's per-sample losses, and the returned metrics are over all ranks.
+    """
     model.train()
     step, seen, micro = start_step, 0, 0
     loss_sum = torch.zeros((), device=s.device)
@@ -64,40 +72,48 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
     total = len(loader) if hasattr(loader, "__len__") else 0
     for x, y, pos in track(loader, total=total, desc=desc):
         y = y.to(s.device, non_blocking=True)
-        with autocast(s):
-            logits = model(prepare_batch(x, s, augment))
-            losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=s.label_smoothing)
-        loss = losses.mean()
-        (scaler.scale(loss) if scaler else loss).div(s.accumulation_steps).backward()
-        pending.append((pos, losses.detach(), logits.argmax(1) != y))
+        micro += 1
+        with distributed.no_sync(model, boundary=micro % s.accumulation_steps == 0 or micro == total):
+            with autocast(s):
+                logits = model(prepare_batch(x, s, augment))
+                losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=s.label_smoothing)
+            loss = losses.mean()
+            (scaler.scale(loss) if scaler else loss).div(s.accumulation_steps).backward()
+        pending.append((pos.to(s.device), losses.detach(), logits.argmax(1) != y))
         loss_sum += losses.detach().sum()
         seen += len(y)
-        micro += 1
         if micro % s.accumulation_steps == 0:
-            step = _finish_step(model, optimizer, s, scaler, lr_at, step, memory, pending)
+            step = _finish_step(model, optimizer, s, scaler, lr_at, step, memory, pending, dist)
             if ema is not None:
-                ema.update(model, step=step)
+                ema.update(distributed.unwrap(model), step=step)
             pending = []
     if pending:  # a trailing partial accumulation still counts as a step
-        step = _finish_step(model, optimizer, s, scaler, lr_at, step, memory, pending)
+        step = _finish_step(model, optimizer, s, scaler, lr_at, step, memory, pending, dist)
         if ema is not None:
-            ema.update(model, step=step)
+            ema.update(distributed.unwrap(model), step=step)
     seconds = time.perf_counter() - start
-    return {"train_loss": loss_sum.item() / max(seen, 1), "lr": lr_at(max(step - 1, 0)), "steps": step,
-            "images": seen, "train_images_per_s": seen / max(seconds, 1e-9)}
+    totals = distributed.all_sum(dist, torch.stack([loss_sum.float(), torch.tensor(float(seen), device=s.device)]))
+    images = int(totals[1].item())
+    return {"train_loss": totals[0].item() / max(images, 1), "lr": lr_at(max(step - 1, 0)), "steps": step,
+            "images": images, "train_images_per_s": images / max(seconds, 1e-9)}
 
 
 def _finish_step(model, optimizer, s: StepSettings, scaler, lr_at: Callable[[int], float], step: int,
-                 memory: HardNegativeMemory | None, pending: list) -> int:
-    """Check the step's losses, step the optimizer, feed the memory; returns the new step count."""
-    pos = torch.cat([p[0] for p in pending]).numpy()
-    losses = torch.cat([p[1] for p in pending]).float().cpu().numpy()
+                 memory: HardNegativeMemory | None, pending: list, dist: Dist = SINGLE) -> int:
+    """Check the step's losses, step the optimizer, feed the memory; returns the new step count.
+
+    Under torchrun the per-sample values of every rank are gathered first, in one process's
+    order, so every rank sees the same losses and keeps the same memory."""
+    if dist.active:
+        pos, losses_t, wrong_t = (distributed.gather_micro_major(dist, [p[i] for p in pending]) for i in range(3))
+    else:
+        pos, losses_t, wrong_t = (torch.cat([p[i] for p in pending]) for i in range(3))
+    losses = losses_t.float().cpu().numpy()
     if not np.isfinite(losses).all():
         raise NonFiniteLoss(f"loss is {float(np.mean(losses))} at step {step}")
     _optimizer_step(model, optimizer, s, scaler, lr_at(step))
     if memory is not None:
-        wrong = torch.cat([p[2] for p in pending]).cpu().numpy()
-        memory.update(pos, losses, wrong)
+        memory.update(pos.cpu().numpy(), losses, wrong_t.cpu().numpy())
     return step + 1
 
 

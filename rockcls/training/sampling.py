@@ -281,10 +281,13 @@ def _check_count(name: str, value: int) -> int:
 class MixtureBatchSampler(Sampler[list[int]]):
     """Micro-batch sampler mixing hard negatives, class-balanced and uniform draws.
 
-    Each effective batch (``batch_size * accumulation_steps`` positions) is
-    drawn whole, shuffled, and cut into ``accumulation_steps`` micro-batches.
-    Call ``set_epoch`` every epoch; iteration is a pure function of
-    (seed, epoch, memory contents).
+    Each effective batch (``batch_size * accumulation_steps * num_replicas``
+    positions) is drawn whole, shuffled, and cut into ``accumulation_steps``
+    micro-steps; of each, rank ``rank`` takes its ``batch_size`` share. Every
+    rank draws with the same seed from the same memory, so N ranks together
+    see exactly the batches of one process with ``num_replicas=1`` and an N
+    times larger ``batch_size``. Call ``set_epoch`` every epoch; iteration is
+    a pure function of (seed, epoch, memory contents).
     """
 
     def __init__(
@@ -298,11 +301,17 @@ class MixtureBatchSampler(Sampler[list[int]]):
         memory: HardNegativeMemory | None = None,
         seed: int = 0,
         steps_per_epoch: int | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         self._labels = _validate_labels(labels)
         self.batch_size = _check_count("batch_size", batch_size)
         self.accumulation_steps = _check_count("accumulation_steps", accumulation_steps)
+        self.num_replicas = _check_count("num_replicas", num_replicas)
+        if int(rank) != rank or not 0 <= rank < self.num_replicas:
+            raise ValueError(f"rank must be an integer in [0, {self.num_replicas}), got {rank}")
+        self.rank = int(rank)
         self.hn_ratio = _check_ratio("hn_ratio", hn_ratio)
         self.balanced_ratio = _check_ratio("balanced_ratio", balanced_ratio)
         self._check_memory(memory)
@@ -329,7 +338,8 @@ class MixtureBatchSampler(Sampler[list[int]]):
 
     @property
     def effective_batch_size(self) -> int:
-        return self.batch_size * self.accumulation_steps
+        """Positions per optimizer step, over all ranks."""
+        return self.batch_size * self.accumulation_steps * self.num_replicas
 
     @property
     def n_hard(self) -> int:
@@ -361,8 +371,9 @@ class MixtureBatchSampler(Sampler[list[int]]):
             # Drawn only when the loader asks for it, so the memory is at most a
             # few prefetched steps stale relative to the optimizer.
             batch = self._draw_effective(rng, uniform, per_class)
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             for micro in np.split(batch, self.accumulation_steps):
-                yield micro.tolist()
+                yield micro[mine].tolist()
 
     def _draw_effective(
         self, rng: np.random.Generator, uniform: _Cycler, per_class: list[_Cycler]

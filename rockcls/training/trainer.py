@@ -6,6 +6,7 @@ killed run continues with ``resume=<parent run id>`` from the last completed epo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -26,7 +27,8 @@ from rockcls.core.config import (
     command_flags,
     save_yaml,
 )
-from rockcls.core.errors import RockclsError
+from rockcls.core.devices import parse_devices
+from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1
 from rockcls.data.cache import cache_settings
 from rockcls.data.index import (
@@ -42,14 +44,18 @@ from rockcls.training.checkpoint import (
     save_checkpoint,
     write_npz_atomic,
 )
+from rockcls.training import distributed
 from rockcls.training.device import resolve_amp, resolve_device
+from rockcls.training.distributed import SINGLE, Dist, from_main
 from rockcls.training.engine import (
     StepSettings,
     cosine_with_warmup,
     evaluate,
     train_one_epoch,
 )
+from rockcls.training.fold_runs import find_fold_run, load_fold_result
 from rockcls.training.models import build_model, build_model_with_report, model_spec
+from rockcls.training.parallel import run_folds_in_processes
 from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
 from rockcls.training.transforms import (
     DeviceAugment,
@@ -91,6 +97,7 @@ class Plan:
     derived: dict[str, Any]
     source: Any = None
     kind: str = "train"
+    dist: Dist = SINGLE
 
 
 def load_dataset(cfg: TrainConfig) -> DatasetIndex:
@@ -104,12 +111,20 @@ def load_dataset(cfg: TrainConfig) -> DatasetIndex:
                            min_per_class=max(cfg.folds, 2), report=Path(cfg.output_dir) / "data_problems.tsv")
 
 
-def build_plan(cfg: TrainConfig) -> Plan:
-    device = resolve_device(cfg.device)
-    index = load_dataset(cfg)
+def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, describe: bool = True) -> Plan:
+    """The plan of ``cfg`` on this process (rank ``dist.rank`` of a torchrun job). ``describe``
+    builds the model once to report what its weights gave it (rank 0 only)."""
+    if dist.active and cfg.devices:
+        raise ConfigError("devices: folds in parallel processes and torchrun do not mix; leave devices "
+                          "empty under torchrun (every rank trains every fold together)")
+    parse_devices(cfg.devices)
+    device = dist.place(resolve_device(cfg.device))
+    index = load_dataset(cfg) if dist.main else None
+    distributed.barrier(dist)  # rank 0 has validated and cached the data: the others read it warm
+    index = index if index is not None else load_dataset(cfg)
     fold_of = make_folds(index.labels, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
-    weights = describe_weights(cfg, len(index.classes))
-    eff = cfg.batch_size * cfg.accumulation_steps
+    weights = describe_weights(cfg, len(index.classes)) if describe and dist.main else {}
+    eff = cfg.batch_size * cfg.accumulation_steps * dist.world
     n_train = int((fold_of != 0).sum())
     n_hard = round(cfg.hn_ratio * eff) if cfg.hn_memory > 0 else 0
     derived = {
@@ -125,11 +140,16 @@ def build_plan(cfg: TrainConfig) -> Plan:
         "data_fingerprint": content_fingerprint(index),
         "split_fingerprint": split_fingerprint(index, fold_of),
         "device": str(device),
+        "world_size": dist.world,
         "amp_dtype": str(resolve_amp(cfg.amp, device)).replace("torch.", ""),
         **weights,
     }
+    expected = from_main(dist, lambda: derived["split_fingerprint"])
+    if expected != derived["split_fingerprint"]:
+        raise RockclsError(f"rank {dist.rank}: the data under {cfg.data} differs from rank 0's (split "
+                           f"fingerprint {derived['split_fingerprint']} != {expected}): every machine needs the same files")
     return Plan(cfg, index, fold_of, device, resolve_amp(cfg.amp, device),
-                list(range(cfg.folds)), derived)
+                list(range(cfg.folds)), derived, dist=dist)
 
 
 def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -145,21 +165,36 @@ def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: str = "train",
-                 tags: dict[str, str] | None = None, on_epoch_end: EpochHook | None = None) -> TrainResult:
+                 tags: dict[str, str] | None = None, on_epoch_end: EpochHook | None = None,
+                 dist: Dist = SINGLE) -> TrainResult:
     """Train every fold of ``cfg`` (resuming ``cfg.resume`` if set) and return out-of-fold results.
 
     ``on_epoch_end(fold, epoch, metrics)`` is called after each logged epoch; it may raise to stop
     (`RunStopped`, e.g. a pruned trial, ends the runs as KILLED, anything else as FAILED).
+    With ``cfg.devices`` the folds run concurrently in processes of their own
+    (`rockcls.training.parallel`); under torchrun (``dist``) every rank trains each fold together
+    and rank 0 alone tracks (`rockcls.training.distributed`).
     """
+    if (cfg.devices or dist.active) and on_epoch_end is not None:
+        raise ConfigError("devices: an epoch hook (a study's pruning) needs the folds in this process; "
+                          "leave devices empty (the study runs one trial per device instead)")
     if cfg.resume:
-        cfg = resumed_config(cfg)
-    plan = build_plan(cfg)
+        cfg = from_main(dist, lambda: resumed_config(cfg))
+    plan = build_plan(cfg, dist)
     plan.kind = kind
-    run_id = open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags)
-    with tracking.closing(run_id):
-        plan.source = open_source(plan.index, cfg=cfg)
-        fold_results = {k: run_fold(plan, run_id, k, on_epoch_end) for k in plan.folds_to_run}
-        return finish_train_run(plan, run_id, fold_results)
+    run_id = from_main(dist, lambda: open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags))
+    with closing_on_main(dist, run_id):
+        if cfg.devices:
+            fold_results = run_folds_in_processes(cfg, run_id, plan.folds_to_run, parse_devices(cfg.devices))
+        else:
+            plan.source = open_source(plan.index, cfg=cfg)
+            fold_results = {k: run_fold(plan, run_id, k, on_epoch_end) for k in plan.folds_to_run}
+        return from_main(dist, lambda: finish_train_run(plan, run_id, fold_results))
+
+
+def closing_on_main(dist: Dist, run_id: str):
+    """`tracking.closing` on rank 0 (the only rank that tracks), nothing on the others."""
+    return tracking.closing(run_id) if dist.main else contextlib.nullcontext(run_id)
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
@@ -172,6 +207,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     saved = yaml.safe_load(tracking.download(cfg.resume, names.CONFIG_FILE).read_text())
     saved["resume"] = cfg.resume
     saved["config"] = ""
+    saved["devices"] = cfg.devices  # where the folds run is this command's choice, not the run's
     return build_config(TrainConfig, saved)
 
 
@@ -295,46 +331,47 @@ class FoldState:
 
 def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None) -> dict:
     """Train one fold in its own child run, or collect it if a previous attempt finished it."""
-    fold_run, done = find_fold_run(parent_id, fold)
+    dist = plan.dist
+    fold_run, done = from_main(dist, lambda: find_fold_run(parent_id, fold))
     if done:
         log.info("fold %d already finished in run %s: skipped", fold, fold_run)
-        return load_fold_result(plan, fold_run)
-    if fold_run is None:
-        fold_run = tracking.start_run(experiment=plan.cfg.experiment, name=f"fold-{fold}", kind="fold",
-                                      parent_run_id=parent_id, tags={names.FOLD: str(fold)})
-        log_data_input(fold_run, plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")
-    else:
-        tracking.reopen_run(fold_run)
-    with tracking.closing(fold_run):
+        return from_main(dist, lambda: load_fold_result(fold_run))
+    fold_run = from_main(dist, lambda: open_fold_run(plan, parent_id, fold, fold_run))
+    with closing_on_main(dist, fold_run):
         return FoldTrainer(plan, parent_id, fold, fold_run).fit(on_epoch_end)
 
 
-def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
-    for run in tracking.child_runs(parent_id, kind="fold"):
-        if run.data.tags.get(names.FOLD) == str(fold):
-            return run.info.run_id, run.data.tags.get(names.COMPLETE) == "true"
-    return None, False
-
-
-def load_fold_result(plan: Plan, fold_run: str) -> dict:
-    with np.load(tracking.download(fold_run, names.OOF_FOLD)) as z:
-        return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"])}
+def open_fold_run(plan: Plan, parent_id: str, fold: int, fold_run: str | None) -> str:
+    if fold_run is not None:
+        tracking.reopen_run(fold_run)
+        return fold_run
+    fold_run = tracking.start_run(experiment=plan.cfg.experiment, name=f"fold-{fold}", kind="fold",
+                                  parent_run_id=parent_id, tags={names.FOLD: str(fold)})
+    log_data_input(fold_run, plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")
+    return fold_run
 
 
 class FoldTrainer:
-    """Builds the fold's loaders, model and optimizer, and runs its epochs."""
+    """Builds the fold's loaders, model and optimizer, and runs its epochs.
+
+    Under torchrun every rank builds one: the model is DistributedDataParallel (``self.net``), the
+    sampler hands each rank its shard of the global batch, validation is sharded and gathered, and
+    only rank 0 (``self.dist.main``) writes checkpoints and logs to MLflow."""
 
     def __init__(self, plan: Plan, parent_id: str, fold: int, run_id: str):
         self.plan, self.cfg, self.fold, self.run_id, self.parent_id = plan, plan.cfg, fold, run_id, parent_id
+        self.dist = plan.dist
         self.dir = run_dir(plan.cfg, parent_id) / f"fold_{fold}"
         self.train_rows = np.flatnonzero(plan.fold_of != fold)
         self.val_rows = np.flatnonzero(plan.fold_of == fold)
         torch.manual_seed(self.cfg.seed * 100 + fold)
-        self.model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
-                                 pretrained_path=self.cfg.pretrained_path,
-                                 cache_dir=cache_settings(self.cfg).folder).to(plan.device)
+        model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
+                            pretrained_path=self.cfg.pretrained_path,
+                            cache_dir=cache_settings(self.cfg).folder).to(plan.device)
         if plan.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
+        self.net = distributed.wrap(model, self.dist, plan.device, sync_bn=self.cfg.sync_bn)
+        self.model = distributed.unwrap(self.net)
         self.spec = model_spec(self.model, self.cfg.backbone, plan.index.classes, self.cfg.img_size, self.cfg.augment)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.ema = timm.utils.ModelEmaV3(self.model, decay=self.cfg.ema) if self.cfg.ema > 0 else None
@@ -344,7 +381,8 @@ class FoldTrainer:
                                            accumulation_steps=self.cfg.accumulation_steps,
                                            hn_ratio=self.cfg.hn_ratio if self.memory else 0.0,
                                            balanced_ratio=self.cfg.balanced_ratio, memory=self.memory,
-                                           seed=self.cfg.seed * 100 + fold)
+                                           seed=self.cfg.seed * 100 + fold, num_replicas=self.dist.world,
+                                           rank=self.dist.rank)
         steps = len(self.sampler) // self.cfg.accumulation_steps
         self.lr_at = cosine_with_warmup(base_lr=self.cfg.peak_lr(), total_steps=steps * self.cfg.epochs,
                                         warmup_steps=int(round(self.cfg.warmup_epochs * steps)))
@@ -358,15 +396,15 @@ class FoldTrainer:
     def _build_memory(self) -> HardNegativeMemory | None:
         if self.cfg.hn_ratio <= 0 or self.cfg.hn_memory <= 0:
             return None
-        steps = max(1, len(self.train_rows) // (self.cfg.batch_size * self.cfg.accumulation_steps))
+        steps = max(1, len(self.train_rows) // self.plan.derived["effective_batch_size"])
         return HardNegativeMemory(self.cfg.hn_memory, len(self.train_rows), half_life=float(steps))
 
     def _build_loaders(self):
         cfg, plan, labels = self.cfg, self.plan, self.plan.index.labels
         train_ds = ImageDataset(plan.source, self.train_rows, labels[self.train_rows],
                                 build_train_transform(cfg.augment, cfg.img_size))
-        val_ds = ImageDataset(plan.source, self.val_rows, labels[self.val_rows],
-                              build_eval_transform(cfg.augment, cfg.img_size))
+        val_shard = distributed.shard(self.val_rows, self.dist)
+        val_ds = ImageDataset(plan.source, val_shard, labels[val_shard], build_eval_transform(cfg.augment, cfg.img_size))
         common = {"num_workers": cfg.num_workers, "pin_memory": plan.device.type == "cuda",
                   "persistent_workers": cfg.num_workers > 0, "worker_init_fn": seed_worker}
         train = torch.utils.data.DataLoader(train_ds, batch_sampler=self.sampler, **common)
@@ -384,10 +422,11 @@ class FoldTrainer:
                 "fold": self.fold}
 
     def restore(self) -> None:
+        """Continue from last.pt, as rank 0 reads it (under torchrun it is sent to every rank)."""
         last = self.dir / "last.pt"
-        if not last.is_file():
+        ck = from_main(self.dist, lambda: load_checkpoint(last, map_location="cpu") if last.is_file() else None)
+        if ck is None:
             return
-        ck = load_checkpoint(last, map_location=self.plan.device)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.ema is not None and ck["ema"] is not None:
@@ -397,7 +436,7 @@ class FoldTrainer:
         if self.memory is not None and ck["memory"] is not None:
             self.memory.load_state_dict(ck["memory"])
         self.state = FoldState(**ck["state"])
-        if self.state.epoch - 1 not in tracking.metric_steps(self.run_id, "val_macro_f1"):
+        if self.dist.main and self.state.epoch - 1 not in tracking.metric_steps(self.run_id, "val_macro_f1"):
             tracking.log_metrics(self.run_id, ck["metrics"], step=self.state.epoch - 1)
         log.info("fold %d: resumed after epoch %d (best macro-F1 %.4f)", self.fold, self.state.epoch - 1,
                  self.state.best_f1)
@@ -408,7 +447,7 @@ class FoldTrainer:
         self.restore()
         while self.state.epoch < self.cfg.epochs and not self._early_stopped():
             metrics = self.run_epoch(self.state.epoch)
-            if on_epoch_end is not None:
+            if on_epoch_end is not None and self.dist.main:
                 on_epoch_end(self.fold, self.state.epoch - 1, metrics)
         return self.finish()
 
@@ -417,19 +456,22 @@ class FoldTrainer:
         return patience > 0 and self.state.stale_epochs >= patience
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        torch.manual_seed(hash((self.cfg.seed, self.fold, epoch)) % 2**31)
+        rank = self.dist.rank  # each rank its own augmentation and dropout draws
+        torch.manual_seed(hash((self.cfg.seed, self.fold, epoch, rank)) % 2**31)
         self.sampler.set_epoch(epoch)
         if self.cfg.num_workers == 0:  # seed_worker only runs in worker processes
-            self.train_loader.dataset.transform.set_random_seed(hash((self.cfg.seed, self.fold, epoch)) % 2**32)
-        augment = DeviceAugment(build_device_augment(self.cfg.augment), seed=self.cfg.seed * 1000 + epoch)
-        tr = train_one_epoch(self.model, self.train_loader, self.optimizer, self.settings, lr_at=self.lr_at,
+            self.train_loader.dataset.transform.set_random_seed(hash((self.cfg.seed, self.fold, epoch, rank)) % 2**32)
+        augment = DeviceAugment(build_device_augment(self.cfg.augment), seed=self.cfg.seed * 1000 + epoch + 7919 * rank)
+        tr = train_one_epoch(self.net, self.train_loader, self.optimizer, self.settings, lr_at=self.lr_at,
                              start_step=self.state.step, augment=augment, memory=self.memory, ema=self.ema,
-                             scaler=self.scaler, desc=f"fold {self.fold} epoch {epoch}")
-        ev = evaluate(self.ema.module if self.ema else self.model, self.val_loader, self.settings,
-                      desc=f"fold {self.fold} val")
+                             scaler=self.scaler, desc=f"fold {self.fold} epoch {epoch}", dist=self.dist)
+        ev = distributed.gather_eval(self.dist, evaluate(self.ema.module if self.ema else self.model,
+                                                         self.val_loader, self.settings, desc=f"fold {self.fold} val"))
         metrics = self._epoch_metrics(tr, ev)
         self._track_best(epoch, metrics["val_macro_f1"])
         self.state.epoch, self.state.step = epoch + 1, tr["steps"]
+        if not self.dist.main:
+            return metrics
         save_checkpoint(self.checkpoint(metrics), self.dir / "last.pt")
         self._drop_stale_best()
         tracking.log_metrics(self.run_id, metrics, step=epoch)
@@ -452,7 +494,7 @@ class FoldTrainer:
             self.state.stale_epochs += 1
             return
         self.state.best_f1, self.state.best_epoch, self.state.stale_epochs = f1, epoch, 0
-        if self.cfg.select == "best":
+        if self.cfg.select == "best" and self.dist.main:
             # Named by epoch: last.pt records which one is current, so a kill between the two
             # writes leaves a resume with the pair last.pt says (the newer file is dropped).
             weights = (self.ema.module if self.ema else self.model).state_dict()
@@ -476,15 +518,18 @@ class FoldTrainer:
         kept = self.ema.module if self.ema else self.model
         kept_epoch = self.state.epoch - 1
         if self.cfg.select == "best":
-            kept.load_state_dict(load_checkpoint(self._best_path(self.state.best_epoch), self.plan.device)["model"])
+            best = self._best_path(self.state.best_epoch)
+            kept.load_state_dict(from_main(self.dist, lambda: load_checkpoint(best, "cpu"))["model"])
             kept_epoch = self.state.best_epoch
-        ev = evaluate(kept, self.val_loader, self.settings, desc=f"fold {self.fold} oof",
-                      views=tta_views(self.cfg.tta))
+        ev = distributed.gather_eval(self.dist, evaluate(kept, self.val_loader, self.settings, desc=f"fold {self.fold} oof",
+                                                         views=tta_views(self.cfg.tta)))
         score = macro_f1(ev["labels"], ev["logits"].argmax(1), len(self.plan.index.classes))
+        rows = self.val_rows[ev["positions"]]
+        if not self.dist.main:
+            return {"rows": rows, "logits": ev["logits"], "score": score}
         save_checkpoint({"model": kept.state_dict(), "spec": {**self.spec, "tta": self.cfg.tta},
                          "classes": self.spec["classes"], "epoch": kept_epoch, "oof_macro_f1": score, "fold": self.fold},
                         self.dir / "model.pt")
-        rows = self.val_rows[ev["positions"]]
         oof = self.dir / names.OOF_FOLD
         write_npz_atomic(oof, rows=rows, logits=ev["logits"], score=np.float64(score))
         tracking.log_file(self.run_id, self.dir / "model.pt", "checkpoints")

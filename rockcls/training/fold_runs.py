@@ -1,0 +1,37 @@
+"""A train run's fold runs in the tracking store: finding one, reading a finished one's result,
+and failing one whose process died before it could end its run itself."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from rockcls.core import names, tracking
+
+
+def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
+    """(run id or None, whether that fold finished) of fold ``fold`` of train run ``parent_id``."""
+    for run in tracking.child_runs(parent_id, kind="fold"):
+        if run.data.tags.get(names.FOLD) == str(fold):
+            return run.info.run_id, run.data.tags.get(names.COMPLETE) == "true"
+    return None, False
+
+
+def load_fold_result(fold_run: str) -> dict:
+    """The out-of-fold rows, logits and score a finished fold run logged."""
+    with np.load(tracking.download(fold_run, names.OOF_FOLD)) as z:
+        return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"])}
+
+
+def fail_fold_run(parent_id: str, fold: int, reason: str) -> str | None:
+    """End the fold's run FAILED with ``reason`` if it is still RUNNING (its process was killed);
+    a run its process ended itself keeps its own status and reason. Returns the run id."""
+    run_id, done = find_fold_run(parent_id, fold)
+    if run_id is None or done:
+        return run_id
+    if tracking.get_run(run_id).info.status == "RUNNING":
+        with contextlib.suppress(Exception):
+            tracking.set_tags(run_id, {names.FAIL_REASON: reason[:500]})
+        tracking.end_run(run_id, "FAILED")
+    return run_id

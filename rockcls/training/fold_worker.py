@@ -1,0 +1,45 @@
+"""One fold of a train run in a process of its own (started by `rockcls.training.parallel` for
+``train --devices``): ``python -m rockcls.training.fold_worker --config C --parent RUN --fold K``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rockcls.core import names, tracking
+from rockcls.core.config import TrainConfig, build_config
+from rockcls.core.errors import RockclsError
+from rockcls.data.sources import open_source
+from rockcls.training.trainer import build_plan, run_fold
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rockcls.training.fold_worker",
+                                     description="one fold of a rockcls train run (started by train --devices)")
+    parser.add_argument("--config", required=True, help="the train run's resolved config (YAML)")
+    parser.add_argument("--parent", required=True, help="the train run's id")
+    parser.add_argument("--fold", type=int, required=True, help="the fold to train")
+    parser.add_argument("--device", default="", help="this process's device (cpu, cuda)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tracking.set_program("rockcls train (fold process)")
+    cfg = build_config(TrainConfig, {"config": args.config, "device": args.device or None})
+    plan = build_plan(cfg, describe=False)
+    expected = tracking.get_run(args.parent).data.tags.get(names.SPLIT_FINGERPRINT)
+    if expected != plan.derived["split_fingerprint"]:
+        raise RockclsError(f"fold {args.fold}: the data under {cfg.data} changed since run {args.parent} "
+                           f"started (split fingerprint {plan.derived['split_fingerprint']} != {expected})")
+    plan.source = open_source(plan.index, cfg=cfg)
+    run_fold(plan, args.parent, args.fold, None)
+    return 0
+
+
+if __name__ == "__main__":
+    from rockcls.core.entry import run_command
+    from rockcls.core.progress import setup_logging
+
+    setup_logging()
+    sys.exit(run_command(main, sys.argv[1:]))
