@@ -28,7 +28,7 @@ from rockcls.training import distributed
 from rockcls.training.distributed import Dist
 from rockcls.training.engine import StepSettings, train_one_epoch
 from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
-from rockcls.training.trainer import run_training
+from rockcls.training.trainer import build_plan, run_training
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,11 +150,14 @@ def test_two_gloo_ranks_see_the_batches_and_keep_the_memory_of_one_process(tmp_p
 
 # ------------------------------------------------------------------ torchrun end to end
 
-def torchrun(args: list[str], env: dict, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "0.5",
-           "-m", "rockcls", "train", *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+def torchrun_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--monitor-interval", "0.5",
+            "-m", "rockcls", "train", *args]
+
+
+def torchrun(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def train_args(data: Path, **extra) -> list[str]:
@@ -213,6 +216,37 @@ def test_torchrun_two_ranks_train_like_one_process(mlflow_store, synthetic_dir, 
         assert run.data.metrics["oof_macro_f1"] == pytest.approx(single.fold_scores[k], abs=0.02)
 
 
+class Watched:
+    """A command in a session of its own whose output lines are collected as they come."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, found, timeout: float) -> None:
+        """Until a line satisfies ``found`` (the command must still be running)."""
+        deadline = time.monotonic() + timeout
+        while not any(found(line) for line in list(self.lines)):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text[-3000:]
+            time.sleep(0.1)
+
+    def wait(self, timeout: float, what: str) -> int:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            pytest.fail(f"{what}:\n{self.text[-3000:]}")
+        self.reader.join(10)
+        return self.proc.returncode
+
+
 def _rank_pids(torchrun_pid: int) -> dict[int, int]:
     """rank -> pid of the worker processes torchrun started (its children with RANK set)."""
     ranks = {}
@@ -230,25 +264,14 @@ def _rank_pids(torchrun_pid: int) -> dict[int, int]:
 def test_a_killed_rank_fails_the_run_cleanly_and_resume_finishes_it(mlflow_store, tmp_path):
     data = make_dataset(tmp_path / "train", [40, 40, 40], size=40, seed=2)
     env = store_env(mlflow_store, tmp_path)
-    args = train_args(data, batch_size=8, epochs=12, folds=2)
-    proc = torchrun(args, env)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 180
-    while not any("fold 0 epoch 1:" in line for line in lines):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-        time.sleep(0.2)
-    ranks = _rank_pids(proc.pid)
+    args = train_args(data, batch_size=8, epochs=8, folds=2)
+    job = Watched(torchrun_command(args), env)
+    job.wait_for(lambda line: "fold 0 epoch 1:" in line, timeout=180)
+    ranks = _rank_pids(job.proc.pid)
     assert sorted(ranks) == [0, 1]
     os.kill(ranks[1], signal.SIGKILL)
-    try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("torchrun did not stop after a rank was killed")
-    reader.join(10)
-    assert proc.returncode != 0
+    assert job.wait(90, "torchrun did not stop after a rank was killed") != 0
+    lines = job.lines
     assert not Path(f"/proc/{ranks[0]}").exists() or b"zombie" in Path(f"/proc/{ranks[0]}/status").read_bytes().lower()
     client = MlflowClient()
     (parent,) = train_runs(client)
@@ -261,7 +284,7 @@ def test_a_killed_rank_fails_the_run_cleanly_and_resume_finishes_it(mlflow_store
     assert parent.info.status == "FINISHED", out[-3000:]
     for run in fold_runs(client, parent.info.run_id).values():
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_macro_f1")]
-        assert sorted(steps) == list(range(12))  # every epoch once: resumed, not restarted
+        assert sorted(steps) == list(range(8))  # every epoch once: resumed, not restarted
 
 
 # ------------------------------------------------------------------ folds in parallel processes
@@ -283,27 +306,16 @@ def test_devices_train_the_folds_concurrently_in_processes(mlflow_store, synthet
 def test_a_crashed_fold_process_fails_its_fold_and_resume_trains_only_that_fold(mlflow_store, tmp_path):
     data = make_dataset(tmp_path / "train", [30, 30, 30], size=40, seed=3)
     env = store_env(mlflow_store, tmp_path)
-    args = train_args(data, epochs=10, batch_size=16, backbone="test_efficientnet", devices="cpu,cpu", folds=2)
+    args = train_args(data, epochs=6, batch_size=16, backbone="test_efficientnet", devices="cpu,cpu", folds=2)
     cmd = [sys.executable, "-m", "rockcls", "train", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 180
-    while not any("[fold 1]" in line and "fold 1 epoch 0:" in line for line in lines):
-        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
-        time.sleep(0.1)
+    job = Watched(cmd, env)
+    job.wait_for(lambda line: "[fold 1]" in line and "fold 1 epoch 0:" in line, timeout=180)
+    lines = job.lines
     pid = next(int(line.split("process ")[1].split()[0]) for line in lines if "fold 1: process" in line)
     os.kill(pid, signal.SIGKILL)
-    try:
-        proc.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("train did not end after its fold process was killed")
-    reader.join(10)
-    text = "".join(lines)
-    assert proc.returncode == 2, text[-3000:]
+    code = job.wait(180, "train did not end after its fold process was killed")
+    text = job.text
+    assert code == 2, text[-3000:]
     error = [line for line in lines if line.startswith("rockcls: error:")]
     assert len(error) == 1 and "fold 1 process on cpu killed by SIGKILL" in error[0] and "--resume" in error[0]
     assert "Traceback" not in text
@@ -320,7 +332,15 @@ def test_a_crashed_fold_process_fails_its_fold_and_resume_trains_only_that_fold(
     assert "fold 0 already finished" in done.stderr and "fold 0: process" not in done.stderr
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(folds[1].info.run_id, "val_macro_f1")]
-    assert sorted(steps) == list(range(10))
+    assert sorted(steps) == list(range(6))
+
+
+def test_torchrun_settings_that_cannot_work_are_refused_before_any_collective(mlflow_store, synthetic_dir):
+    two = Dist(rank=0, world=2, backend="gloo")  # no process group: a collective would fail
+    with pytest.raises(ConfigError, match="sync_bn: SyncBatchNorm works on GPUs only"):
+        build_plan(tiny_config(synthetic_dir, sync_bn=True), two)
+    with pytest.raises(ConfigError, match="devices: folds in parallel processes and torchrun do not mix"):
+        build_plan(tiny_config(synthetic_dir, devices="cpu,cpu"), two)
 
 
 def test_devices_refuse_bad_entries_and_an_epoch_hook(mlflow_store, synthetic_dir):

@@ -658,3 +658,8 @@ def test_bad_tune_values_end_as_one_line_errors(mlflow_store, data_dir, capsys):
     assert "rockcls: error: pruner: must be one of median, hyperband, none; got 'random'" in capsys.readouterr().err
     assert run_command(tune.main, [*argv, "--storage", "mysql://nobody@127.0.0.1:1/x"]) == 2
     assert capsys.readouterr().err.startswith("rockcls: error: storage: cannot open mysql://nobody@127.0.0.1:1/x")
+
+
+def test_trials_cannot_run_their_folds_on_devices():
+    with pytest.raises(ConfigError, match="devices: a train setting tune does not use"):
+        search_space.build_search_config({"data": "somewhere", "devices": "cpu,cpu"})

@@ -1,1 +1,1 @@
-"""One fold of training: transforms, models and weights, the mixture sampler, the epoch engine, checkpoints and the k-fold trainer. Imports rockcls.core and rockcls.data."""
+"""One fold of training: transforms, models and weights, the mixture sampler, the epoch engine, checkpoints and the k-fold trainer, with its two ways onto more devices (folds in parallel processes, ranks under torchrun). Imports rockcls.core and rockcls.data."""

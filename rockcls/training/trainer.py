@@ -119,6 +119,9 @@ def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, describe: bool = True) 
                           "empty under torchrun (every rank trains every fold together)")
     parse_devices(cfg.devices)
     device = dist.place(resolve_device(cfg.device))
+    if cfg.sync_bn and dist.active and device.type != "cuda":
+        raise ConfigError("sync_bn: SyncBatchNorm works on GPUs only (PyTorch's DistributedDataParallel refuses "
+                          "it on the CPU); leave sync_bn off for CPU ranks")
     index = load_dataset(cfg) if dist.main else None
     distributed.barrier(dist)  # rank 0 has validated and cached the data: the others read it warm
     index = index if index is not None else load_dataset(cfg)
