@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/gpu_train.py [--data DIR] [--backbone davit_base] [--img-size 224]
        [--batch-size 64] [--workers 8] [--steps 50] [--warmup 15] [--compile both|on|off]
-       [--cache true|false] [--device cuda|cpu]
+       [--cache true|false] [--device cuda|cpu] [--amp bf16|off]
 
 The training step is rockcls's: uint8 batches from the DataLoader workers (decode-once cache,
 crop/resize/CLAHE on the CPU), flips, noise and normalisation on the GPU (``DeviceAugment``,
@@ -84,7 +84,7 @@ def time_training(args: argparse.Namespace, loader, num_classes: int, compiled: 
     step_model = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     settings = StepSettings(device=device, mean=tuple(spec["mean"]), std=tuple(spec["std"]), label_smoothing=0.1,
-                            amp_dtype=torch.bfloat16, channels_last=True)
+                            amp_dtype=torch.bfloat16 if args.amp == "bf16" else None, channels_last=True)
     augment = DeviceAugment(build_device_augment(PRESET), seed=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", choices=("true", "false"), default="true", help="decode-once cache or files")
     parser.add_argument("--synthetic-images", type=int, default=2000)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke test only")
+    parser.add_argument("--amp", choices=("bf16", "off"), default="bf16", help="bf16 autocast, or float32 (TF32 matmuls)")
     return parser
 
 
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {c: time_training(args, loader, num_classes, c) for c in modes}
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (smoke test)"
     print(f"{gpu}: {args.backbone} {args.img_size} px, batch {args.batch_size}, {args.workers} workers, "
-          f"bf16 autocast, channels_last, cache {args.cache}, torch {torch.__version__}")
+          f"{'bf16 autocast' if args.amp == 'bf16' else 'float32'}, channels_last, cache {args.cache}, "
+          f"torch {torch.__version__}")
     print(f"{'torch.compile':<14} {'images/s':>9} {'step ms':>8} {'data wait':>10} {'peak GiB':>9}")
     for compiled, r in results.items():
         print(f"{'on' if compiled else 'off':<14} {r['images_per_s']:>9.1f} {r['step_ms']:>8.1f} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import signal
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ def session(device: str) -> Iterator[Dist]:
     except (RuntimeError, ValueError) as exc:
         signal.signal(signal.SIGTERM, previous)
         raise RankLost(f"distributed: rank {rank} could not join the process group ({_first_line(exc)})") from None
+    if rank != 0:  # one stream of progress lines: rank 0's (the others still report problems)
+        logging.getLogger("rockcls").setLevel(logging.WARNING)
     try:
         yield Dist(rank=rank, world=world, local_rank=local, backend=backend)
     finally:

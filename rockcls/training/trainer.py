@@ -459,11 +459,13 @@ class FoldTrainer:
         return patience > 0 and self.state.stale_epochs >= patience
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        rank = self.dist.rank  # each rank its own augmentation and dropout draws
-        torch.manual_seed(hash((self.cfg.seed, self.fold, epoch, rank)) % 2**31)
+        # Under torchrun each rank draws its own augmentation and dropout; one process as before.
+        rank = self.dist.rank
+        key = (self.cfg.seed, self.fold, epoch, rank) if self.dist.active else (self.cfg.seed, self.fold, epoch)
+        torch.manual_seed(hash(key) % 2**31)
         self.sampler.set_epoch(epoch)
         if self.cfg.num_workers == 0:  # seed_worker only runs in worker processes
-            self.train_loader.dataset.transform.set_random_seed(hash((self.cfg.seed, self.fold, epoch, rank)) % 2**32)
+            self.train_loader.dataset.transform.set_random_seed(hash(key) % 2**32)
         augment = DeviceAugment(build_device_augment(self.cfg.augment), seed=self.cfg.seed * 1000 + epoch + 7919 * rank)
         tr = train_one_epoch(self.net, self.train_loader, self.optimizer, self.settings, lr_at=self.lr_at,
                              start_step=self.state.step, augment=augment, memory=self.memory, ema=self.ema,
