@@ -335,6 +335,23 @@ def test_a_crashed_fold_process_fails_its_fold_and_resume_trains_only_that_fold(
     assert sorted(steps) == list(range(6))
 
 
+def test_a_stopped_train_run_stops_its_fold_processes(mlflow_store, tmp_path):
+    data = make_dataset(tmp_path / "train", [20, 20, 20], size=40, seed=4)
+    cmd = [sys.executable, "-m", "rockcls", "train",
+           *train_args(data, epochs=50, batch_size=16, backbone="test_efficientnet", devices="cpu,cpu")]
+    job = Watched(cmd, store_env(mlflow_store, tmp_path))
+    job.wait_for(lambda line: "[fold 0]" in line and "fold 0 epoch 0:" in line, timeout=180)
+    pids = [int(line.split("process ")[1].split()[0]) for line in job.lines if ": process " in line]
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(120, "train did not end after SIGTERM") == 2
+    assert any(line.startswith("rockcls: error: terminated by SIGTERM") for line in job.lines), job.text[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)  # no fold process left running
+    client = MlflowClient()
+    (parent,) = train_runs(client)
+    assert parent.info.status == "FAILED" and "SIGTERM" in parent.data.tags[names.FAIL_REASON]
+    assert {r.info.status for r in fold_runs(client, parent.info.run_id).values()} <= {"KILLED", "FAILED"}
+
+
 def test_torchrun_settings_that_cannot_work_are_refused_before_any_collective(mlflow_store, synthetic_dir):
     two = Dist(rank=0, world=2, backend="gloo")  # no process group: a collective would fail
     with pytest.raises(ConfigError, match="sync_bn: SyncBatchNorm works on GPUs only"):

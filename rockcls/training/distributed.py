@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -35,8 +36,8 @@ class RankLost(RockclsError):
 
 
 class Terminated(RockclsError):
-    """SIGTERM reached a rank (torchrun stops every rank when one fails): its runs end FAILED and
-    the command ends with one line."""
+    """SIGTERM reached the process (torchrun stops every rank when one fails; a scheduler stops a
+    job): its runs end FAILED with the reason, its child processes are stopped, one line is printed."""
 
 
 @dataclass(frozen=True)
@@ -102,24 +103,36 @@ def session(device: str) -> Iterator[Dist]:
             raise ConfigError(f"device: {device!r} requested but CUDA is not available on this machine")
         torch.cuda.set_device(local)
     backend = "nccl" if gpu else "gloo"
+    with sigterm_raises():
+        try:
+            tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
+        except (RuntimeError, ValueError) as exc:
+            raise RankLost(f"distributed: rank {rank} could not join the process group ({_first_line(exc)})") from None
+        if rank != 0:  # one stream of progress lines: rank 0's (the others still report problems)
+            logging.getLogger("rockcls").setLevel(logging.WARNING)
+        try:
+            yield Dist(rank=rank, world=world, local_rank=local, backend=backend)
+        finally:
+            with contextlib.suppress(Exception):
+                tdist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block SIGTERM raises `Terminated`, so the runs it opened end FAILED with that
+    reason instead of staying RUNNING (Python's default is to die on the spot)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
-    except (RuntimeError, ValueError) as exc:
-        signal.signal(signal.SIGTERM, previous)
-        raise RankLost(f"distributed: rank {rank} could not join the process group ({_first_line(exc)})") from None
-    if rank != 0:  # one stream of progress lines: rank 0's (the others still report problems)
-        logging.getLogger("rockcls").setLevel(logging.WARNING)
-    try:
-        yield Dist(rank=rank, world=world, local_rank=local, backend=backend)
+        yield
     finally:
-        with contextlib.suppress(Exception):
-            tdist.destroy_process_group()
         signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated("terminated by SIGTERM (torchrun stops every rank when one of them fails)")
+    raise Terminated("terminated by SIGTERM (under torchrun: another rank failed, or the job was stopped)")
 
 
 def _first_line(exc: BaseException) -> str:

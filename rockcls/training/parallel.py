@@ -28,6 +28,7 @@ from rockcls.core.config import TrainConfig, save_yaml
 from rockcls.core.devices import child_device, device_env
 from rockcls.core.errors import RockclsError
 from rockcls.core.processes import interrupt_processes
+from rockcls.training.distributed import sigterm_raises
 from rockcls.training.fold_runs import fail_fold_run, find_fold_run, load_fold_result
 
 log = logging.getLogger("rockcls")
@@ -78,18 +79,8 @@ def run_folds_in_processes(cfg: TrainConfig, parent_id: str, folds: Sequence[int
         save_yaml(dataclasses.replace(cfg, devices="", resume="", config=""), config)
         running: dict[int, FoldProcess] = {}  # device slot -> its process
         try:
-            while pending or running:
-                for slot in range(len(devices)):
-                    if slot not in running and pending:
-                        running[slot] = start_fold(config, parent_id, pending.popleft(), devices[slot], devices)
-                for slot, fp in list(running.items()):
-                    if fp.proc.poll() is None:
-                        continue
-                    del running[slot]
-                    if fp.reader is not None:
-                        fp.reader.join(timeout=5)
-                    collect(fp, parent_id, results, failures)
-                time.sleep(POLL_S)
+            with sigterm_raises():  # a stopped train run stops its fold processes too
+                schedule(config, parent_id, devices, pending, running, results, failures)
         except BaseException:
             interrupt_processes([fp.proc for fp in running.values()], grace_s=30)
             for fp in running.values():
@@ -100,6 +91,23 @@ def run_folds_in_processes(cfg: TrainConfig, parent_id: str, folds: Sequence[int
         raise RockclsError(f"{failures[first]}; {len(results)} of {len(results) + len(failures)} folds "
                            f"finished, resume with --resume {parent_id}")
     return results
+
+
+def schedule(config: Path, parent_id: str, devices: Sequence[str], pending: deque[int],
+             running: dict[int, FoldProcess], results: dict[int, dict], failures: dict[int, str]) -> None:
+    """Keep every device busy with the next pending fold until none is pending or running."""
+    while pending or running:
+        for slot in range(len(devices)):
+            if slot not in running and pending:
+                running[slot] = start_fold(config, parent_id, pending.popleft(), devices[slot], devices)
+        for slot, fp in list(running.items()):
+            if fp.proc.poll() is None:
+                continue
+            del running[slot]
+            if fp.reader is not None:
+                fp.reader.join(timeout=5)
+            collect(fp, parent_id, results, failures)
+        time.sleep(POLL_S)
 
 
 def start_fold(config: Path, parent_id: str, fold: int, device: str, devices: Sequence[str]) -> FoldProcess:
