@@ -207,6 +207,9 @@ def test_torchrun_two_ranks_train_like_one_process(mlflow_store, synthetic_dir, 
     (parent,) = train_runs(client)  # one parent run, whatever the number of ranks
     assert parent.info.status == "FINISHED", out[-3000:]
     assert parent.data.params["world_size"] == "2" and parent.data.params["effective_batch_size"] == "16"
+    description = parent.data.tags[names.NOTE]
+    assert "Each fold on 2 ranks (torchrun), global batch 16." in description
+    assert "torchrun --nproc-per-node 2 -m rockcls train" in description
     folds = fold_runs(client, parent.info.run_id)
     assert sorted(folds) == [0, 1] and all(r.info.status == "FINISHED" for r in folds.values())
     assert parent.data.metrics["cv_macro_f1"] == pytest.approx(single.cv_macro_f1, abs=0.02)
@@ -298,6 +301,7 @@ def test_devices_train_the_folds_concurrently_in_processes(mlflow_store, synthet
     assert np.isfinite(result.oof_logits).all() and result.oof_logits.shape == (72, 3)
     folds = fold_runs(client, result.run_id)
     assert sorted(folds) == [0, 1] and all(r.info.status == "FINISHED" for r in folds.values())
+    assert "Folds in parallel, one process each on `cpu,cpu`." in parent.data.tags[names.NOTE]
     a, b = folds[0].info, folds[1].info
     assert a.start_time < b.end_time and b.start_time < a.end_time  # they overlapped in time
     assert result.fold_scores == {k: pytest.approx(r.data.metrics["oof_macro_f1"]) for k, r in folds.items()}

@@ -253,12 +253,16 @@ def describe_train_run(plan: Plan, kind: str, score: float | None = None) -> str
     """What the run is, its headline score and the command that repeats it (the run's description)."""
     cfg, index = plan.cfg, plan.index
     split = f"{cfg.folds} folds" if cfg.folds > 1 else f"one {cfg.val_fraction:g} holdout"
+    world = int(plan.derived.get("world_size", 1))
+    where = (f" Each fold on {world} ranks (torchrun), global batch {plan.derived['effective_batch_size']}."
+             if world > 1 else f" Folds in parallel, one process each on `{cfg.devices}`." if cfg.devices else "")
     what = (f"**{kind.capitalize()} run**: training of `{cfg.backbone}` on `{cfg.data}` ({len(index)} images, "
-            f"{len(index.classes)} classes), {split} x {cfg.epochs} epochs at {cfg.img_size} px.")
+            f"{len(index.classes)} classes), {split} x {cfg.epochs} epochs at {cfg.img_size} px.{where}")
     result = (f"**cv_macro_f1 {score:.4f}**: macro-F1 of the out-of-fold predictions of every fold."
               if score is not None else "Running: cv_macro_f1 is logged when every fold has finished.")
     repeat = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
-    command = " ".join(["python -m rockcls train", *command_flags(repeat, skip=("resume", "config"))])
+    launcher = f"torchrun --nproc-per-node {world} -m rockcls train" if world > 1 else "python -m rockcls train"
+    command = " ".join([launcher, *command_flags(repeat, skip=("resume", "config"))])
     return (f"{what}\n\n{result}\n\nRepeat it:\n\n```\n{command}\n```\n\n"
             f"or `python -m rockcls train --config config.yaml` with this run's `config.yaml`.")
 
