@@ -199,9 +199,11 @@ def fold_runs(client: MlflowClient, parent_id: str) -> dict[int, object]:
 
 
 def test_torchrun_two_ranks_train_like_one_process(mlflow_store, synthetic_dir, tmp_path):
-    single = run_training(tiny_config(synthetic_dir, backbone="test_vit", batch_size=16, augment="none",
-                                      hn_ratio=0.25, tta="none", experiment="single"))
-    out = finish(torchrun(train_args(synthetic_dir, batch_size=8), store_env(mlflow_store, tmp_path)), 240)
+    # Accumulation (no_sync between micro-batches) and EMA on both sides: 2 ranks x 4 x 2 = 1 x 8 x 2.
+    single = run_training(tiny_config(synthetic_dir, backbone="test_vit", batch_size=8, accumulation_steps=2,
+                                      ema=0.5, augment="none", hn_ratio=0.25, tta="none", experiment="single"))
+    args = train_args(synthetic_dir, batch_size=4, accumulation_steps=2, ema=0.5)
+    out = finish(torchrun(args, store_env(mlflow_store, tmp_path)), 240)
     assert "cv_macro_f1" in out, out[-3000:]
     client = MlflowClient()
     (parent,) = train_runs(client)  # one parent run, whatever the number of ranks
