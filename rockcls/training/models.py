@@ -12,12 +12,14 @@ import torch
 from rockcls.core.errors import ConfigError
 from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rockcls.training.weights import (
+    BN_EPS_ATTR,
     WeightReport,
     head_names,
     hub_offline,
     hub_reachable,
     load_weights_file,
     resolve_weights_file,
+    set_bn_eps,
 )
 
 log = logging.getLogger("rockcls")
@@ -79,7 +81,7 @@ def model_spec(model: torch.nn.Module, backbone: str, classes: list[str], img_si
                augment: str) -> dict[str, Any]:
     """What prediction needs to rebuild and feed the model: stored in each checkpoint."""
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    return {
+    spec = {
         "backbone": backbone,
         "num_classes": len(classes),
         "classes": list(classes),
@@ -88,7 +90,13 @@ def model_spec(model: torch.nn.Module, backbone: str, classes: list[str], img_si
         "mean": [float(v) for v in cfg.get("mean", IMAGENET_MEAN)],
         "std": [float(v) for v in cfg.get("std", IMAGENET_STD)],
     }
+    if getattr(model, BN_EPS_ATTR, None) is not None:  # weights of another implementation set it
+        spec["bn_eps"] = float(getattr(model, BN_EPS_ATTR))
+    return spec
 
 
 def build_model_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
-    return build_model(spec["backbone"], spec["num_classes"], pretrained=False)
+    model = build_model(spec["backbone"], spec["num_classes"], pretrained=False)
+    if spec.get("bn_eps") is not None:
+        set_bn_eps(model, spec["bn_eps"])
+    return model

@@ -163,8 +163,11 @@ def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
     if report is None:
         return {"init": "random"}
     log.info("pretrained weights: %s", report.summary())
-    return {"init": report.source, "init_tensors_loaded": f"{report.loaded}/{report.total} {report.matched_by}",
-            "init_reinitialised": ",".join(report.reinitialised) or "none"}
+    described = {"init": report.source, "init_tensors_loaded": f"{report.loaded}/{report.total} {report.matched_by}",
+                 "init_reinitialised": ",".join(report.reinitialised) or "none"}
+    if report.bn_eps is not None:
+        described["init_bn_eps"] = report.bn_eps
+    return described
 
 
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: str = "train",

@@ -42,10 +42,28 @@ class WeightReport:
     loaded: int
     total: int
     reinitialised: list[str] = field(default_factory=list)
+    bn_eps: float | None = None  # the source implementation's BatchNorm epsilon, set on the model
 
     def summary(self) -> str:
         fresh = f"; re-initialised {', '.join(self.reinitialised)}" if self.reinitialised else ""
-        return f"loaded {self.loaded}/{self.total} tensors {self.matched_by} from {self.source}{fresh}"
+        eps = f"; BatchNorm eps {self.bn_eps:g} as in the source implementation" if self.bn_eps is not None else ""
+        return f"loaded {self.loaded}/{self.total} tensors {self.matched_by} from {self.source}{fresh}{eps}"
+
+
+# Implementations whose weights map in order onto timm's but normalise with another BatchNorm
+# epsilon (a setting, not a tensor). Loaded with timm's 1e-5, channels whose running variance is
+# near zero are amplified up to 10x: the features are not the source's (the lite0 linear probe on
+# Lithology loses 1.7 macro-F1 points, docs/benchmarks.md). Recognised by a key of their naming.
+SOURCE_BN_EPS = {"efficientnet_pytorch": ("_conv_stem.weight", 1e-3)}
+BN_EPS_ATTR = "rockcls_bn_eps"  # on the model: which epsilon it was given (model_spec stores it)
+
+
+def set_bn_eps(model: torch.nn.Module, eps: float) -> None:
+    """Every BatchNorm of ``model`` normalises with ``eps``; the model remembers it for its spec."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eps = eps
+    setattr(model, BN_EPS_ATTR, eps)
 
 
 # ---------------------------------------------------------------------------- where the file is
@@ -183,8 +201,14 @@ def map_weights(model: torch.nn.Module, source: dict[str, torch.Tensor],
 
 def load_weights_file(model: torch.nn.Module, path: Path, origin: str = "") -> WeightReport:
     """Load ``path`` into ``model`` (every tensor but a re-initialised classifier); return the report."""
-    mapped, report = map_weights(model, read_state_dict(path), origin or str(path))
+    source = read_state_dict(path)
+    mapped, report = map_weights(model, source, origin or str(path))
     model.load_state_dict(mapped, strict=False)
+    if report.matched_by == "in order":
+        for marker, eps in SOURCE_BN_EPS.values():
+            if marker in source:
+                set_bn_eps(model, eps)
+                report.bn_eps = eps
     return report
 
 
