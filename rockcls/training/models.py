@@ -20,6 +20,7 @@ from rockcls.training.weights import (
     load_weights_file,
     resolve_weights_file,
     set_bn_eps,
+    zero_head,
 )
 
 log = logging.getLogger("rockcls")
@@ -72,6 +73,7 @@ def _from_hub(backbone: str, num_classes: int) -> tuple[torch.nn.Module, WeightR
                               ) from None
     cfg = model.pretrained_cfg
     head = sorted(head_names(model)) if cfg.get("num_classes") != num_classes else []
+    zero_head(model, head)
     total = len([k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
     source = f"the hub ({cfg.get('hf_hub_id') or cfg.get('url') or backbone})"
     return model, WeightReport(source, "by name", total - len(head), total, head)

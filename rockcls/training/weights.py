@@ -58,6 +58,21 @@ SOURCE_BN_EPS = {"efficientnet_pytorch": ("_conv_stem.weight", 1e-3)}
 BN_EPS_ATTR = "rockcls_bn_eps"  # on the model: which epsilon it was given (model_spec stores it)
 
 
+def zero_head(model: torch.nn.Module, names: list[str]) -> None:
+    """Start a re-initialised classifier at zero on top of pretrained features.
+
+    timm initialises an EfficientNet head uniformly within 1/sqrt(classes): for 3 classes
+    that is +-0.58 (std 0.33, against 0.018 for 1000), so the first logits are large and wrong
+    (first-epoch loss 2.3-3.3 where a uniform guess costs ln 3 = 1.1) and the first steps push
+    large gradients into the pretrained body. A zero head predicts uniformly, and the body gets
+    gradients only as the head learns."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            if name in params:
+                params[name].zero_()
+
+
 def set_bn_eps(model: torch.nn.Module, eps: float) -> None:
     """Every BatchNorm of ``model`` normalises with ``eps``; the model remembers it for its spec."""
     for module in model.modules():
@@ -204,6 +219,7 @@ def load_weights_file(model: torch.nn.Module, path: Path, origin: str = "") -> W
     source = read_state_dict(path)
     mapped, report = map_weights(model, source, origin or str(path))
     model.load_state_dict(mapped, strict=False)
+    zero_head(model, report.reinitialised)
     if report.matched_by == "in order":
         for marker, eps in SOURCE_BN_EPS.values():
             if marker in source:
