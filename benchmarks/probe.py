@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -35,6 +34,9 @@ from rockcls.core.metrics import macro_f1  # noqa: E402
 from rockcls.data.index import index_dataset, make_folds  # noqa: E402
 from rockcls.training.models import build_model_with_report, model_spec  # noqa: E402
 from rockcls.training.weights import set_bn_eps  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import load_squashed  # noqa: E402  (the plain reference's squash-resize, the same images)
 
 
 def features(model: torch.nn.Module, images: torch.Tensor, mean, std, batch: int = 64) -> np.ndarray:
@@ -56,12 +58,6 @@ def probe(feats: np.ndarray, labels: np.ndarray, fold_of: np.ndarray, num_classe
         clf.fit(feats[train], labels[train])
         preds[val] = clf.predict(feats[val])
     return macro_f1(labels, preds, num_classes)
-
-
-def load_squashed(paths: list[str], size: int) -> torch.Tensor:
-    imgs = [cv2.resize(cv2.cvtColor(cv2.imread(p, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), (size, size),
-                       interpolation=cv2.INTER_AREA) for p in paths]
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
 
 
 def build_parser() -> argparse.ArgumentParser:
