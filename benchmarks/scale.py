@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rockcls.data.synthetic import make_dataset  # noqa: E402
 from rockcls.training import distributed  # noqa: E402
+from rockcls.training.device import use_channels_last  # noqa: E402
 from rockcls.training.distributed import Dist  # noqa: E402
 from rockcls.training.engine import StepSettings, train_one_epoch  # noqa: E402
 from rockcls.training.models import build_model  # noqa: E402
@@ -101,6 +102,8 @@ def time_ranks(dist: Dist, args: argparse.Namespace) -> dict:
     data = InMemory(args.img_size)
     torch.manual_seed(0)
     model = build_model(args.backbone, NUM_CLASSES, pretrained=False).to(device)
+    if use_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
     net = distributed.wrap(model, dist, device, sync_bn=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     memory = HardNegativeMemory(512, NUM_IMAGES, half_life=20.0)
@@ -114,7 +117,7 @@ def time_ranks(dist: Dist, args: argparse.Namespace) -> dict:
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
     amp = torch.bfloat16 if device.type == "cuda" else None
     settings = StepSettings(device=device, mean=(0.5,) * 3, std=(0.25,) * 3, amp_dtype=amp,
-                            channels_last=device.type == "cuda")
+                            channels_last=use_channels_last(device))
     step = train_one_epoch(net, loader, optimizer, settings, lr_at=lambda s: 1e-3, start_step=0, memory=memory,
                            dist=dist)["steps"]
     draw.seconds = gather.seconds = 0.0

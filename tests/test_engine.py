@@ -47,3 +47,31 @@ def test_cosine_schedule_warms_up_then_decays():
     assert lr_at(0) == pytest.approx(0.1) and lr_at(9) == pytest.approx(1.0)
     assert lr_at(10) == pytest.approx(1.0) and lr_at(99) < 0.02
     assert all(lr_at(k) >= lr_at(k + 1) for k in range(10, 99))
+
+
+def test_channels_last_on_the_cpu_gives_the_same_logits_and_training_step():
+    import timm
+
+    from rockcls.training.device import use_channels_last
+    from rockcls.training.engine import prepare_batch
+
+    cpu = torch.device("cpu")
+    assert use_channels_last(cpu) and use_channels_last(torch.device("cuda")) and not use_channels_last(
+        torch.device("mps"))
+    x = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for nhwc in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model("test_efficientnet", num_classes=3)
+        if nhwc:
+            model = model.to(memory_format=torch.channels_last)
+        s = StepSettings(device=cpu, mean=(0.5,) * 3, std=(0.25,) * 3, channels_last=nhwc)
+        xn = prepare_batch(x, s)
+        assert xn.is_contiguous(memory_format=torch.channels_last) == nhwc
+        loss = torch.nn.functional.cross_entropy(model(xn), torch.tensor([0, 1, 2, 0]))
+        loss.backward()
+        model.eval()
+        with torch.inference_mode():
+            out[nhwc] = (model(xn), model.conv_stem.weight.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-4, rtol=1e-3)

@@ -23,7 +23,7 @@ from rockcls.core.progress import track
 from rockcls.data.images import MIN_SIDE
 from rockcls.data.sources import FileSource
 from rockcls.training.checkpoint import load_checkpoint
-from rockcls.training.device import resolve_amp, resolve_device
+from rockcls.training.device import resolve_amp, resolve_device, use_channels_last
 from rockcls.training.engine import StepSettings, autocast, prepare_batch
 from rockcls.training.models import build_model_from_spec
 from rockcls.training.transforms import (
@@ -108,7 +108,7 @@ def predict_logits(models: Sequence[ModelSpec], source, *, tta: str = "none",
     device = resolve_device(device) if isinstance(device, str) else device
     for model, _ in models:
         model.to(device).eval()
-        if device.type == "cuda":
+        if use_channels_last(device):
             model.to(memory_format=torch.channels_last)
     w = np.ones(len(models)) if weights is None else np.asarray(weights, dtype=np.float64)
     if len(w) != len(models) or (w < 0).any() or w.sum() <= 0:
@@ -144,7 +144,7 @@ def _batch_probs(members: list, x: torch.Tensor, views: tuple[int, ...], device:
     out = torch.zeros(x.shape[0], members[0][1]["num_classes"], dtype=torch.float32, device=device)  # MPS lacks float64
     for model, spec, wt in members:
         s = StepSettings(device=device, mean=tuple(spec["mean"]), std=tuple(spec["std"]), amp_dtype=amp,
-                         channels_last=device.type == "cuda")
+                         channels_last=use_channels_last(device))
         xn = prepare_batch(x, s)
         for v in views:
             with autocast(s):

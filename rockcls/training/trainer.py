@@ -45,7 +45,7 @@ from rockcls.training.checkpoint import (
     write_npz_atomic,
 )
 from rockcls.training import distributed
-from rockcls.training.device import resolve_amp, resolve_device
+from rockcls.training.device import resolve_amp, resolve_device, use_channels_last
 from rockcls.training.distributed import SINGLE, Dist, from_main
 from rockcls.training.engine import (
     StepSettings,
@@ -378,7 +378,7 @@ class FoldTrainer:
         model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
                             pretrained_path=self.cfg.pretrained_path,
                             cache_dir=cache_settings(self.cfg).folder).to(plan.device)
-        if plan.device.type == "cuda":
+        if use_channels_last(plan.device):
             model = model.to(memory_format=torch.channels_last)
         self.net = distributed.wrap(model, self.dist, plan.device, sync_bn=self.cfg.sync_bn)
         self.model = distributed.unwrap(self.net)
@@ -399,7 +399,7 @@ class FoldTrainer:
         self.settings = StepSettings(device=plan.device, mean=tuple(self.spec["mean"]), std=tuple(self.spec["std"]),
                                      accumulation_steps=self.cfg.accumulation_steps,
                                      label_smoothing=self.cfg.label_smoothing, grad_clip=self.cfg.grad_clip,
-                                     amp_dtype=plan.amp_dtype, channels_last=plan.device.type == "cuda")
+                                     amp_dtype=plan.amp_dtype, channels_last=use_channels_last(plan.device))
         self.train_loader, self.val_loader = self._build_loaders()
         self.state = FoldState()
 
