@@ -75,3 +75,26 @@ def test_channels_last_on_the_cpu_gives_the_same_logits_and_training_step():
             out[nhwc] = (model(xn), model.conv_stem.weight.grad.clone())
     torch.testing.assert_close(out[True][0], out[False][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[True][1], out[False][1], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("env, expected", [({}, "True"), ({"ROCKCLS_MALLOC_TUNING": "0"}, "False"),
+                                           ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, "False")])
+def test_allocator_tuning_is_applied_once_and_can_be_turned_off(env, expected):
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    if sys.platform != "linux" or not ctypes.util.find_library("c"):
+        pytest.skip("glibc only")
+    code = ("from rockcls.training.device import keep_freed_memory as k; a = k(); b = k(); "
+            "assert a == b; print(a)")
+    child_env = {k: v for k, v in os.environ.items() if k not in ("ROCKCLS_MALLOC_TUNING", "LD_PRELOAD")}
+    if "LD_PRELOAD" in env:  # only the variable is read; preloading a missing library just warns
+        child_env["LD_PRELOAD"] = ""
+        code = "import os; os.environ['LD_PRELOAD'] = %r; " % env["LD_PRELOAD"] + code
+    else:
+        child_env.update(env)
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

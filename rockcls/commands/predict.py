@@ -25,7 +25,7 @@ from rockcls.data.index import DatasetIndex, content_fingerprint, index_dataset
 from rockcls.inference.predictor import TTA_CHOICES, Prediction, Predictor
 from rockcls.runs import registry
 from rockcls.runs.lookup import load_run_predictor, parse_model_ref
-from rockcls.training.device import resolve_device
+from rockcls.training.device import keep_freed_memory, resolve_device
 from rockcls.training.trainer import log_data_input
 
 log = logging.getLogger("rockcls")
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("model: required (runs:/<train run id> or models:/NAME@alias)")
     index = index_dataset(cfg.data, labeled=False)
     device = resolve_device(cfg.device)
+    keep_freed_memory()
     predictor = load_predictor(cfg.model, device=device)
     tta = predictor.tta if cfg.tta == "auto" else cfg.tta
     pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,

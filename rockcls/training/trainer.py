@@ -45,7 +45,7 @@ from rockcls.training.checkpoint import (
     write_npz_atomic,
 )
 from rockcls.training import distributed
-from rockcls.training.device import resolve_amp, resolve_device, use_channels_last
+from rockcls.training.device import keep_freed_memory, resolve_amp, resolve_device, use_channels_last
 from rockcls.training.distributed import SINGLE, Dist, from_main
 from rockcls.training.engine import (
     StepSettings,
@@ -374,6 +374,7 @@ class FoldTrainer:
         self.dir = run_dir(plan.cfg, parent_id) / f"fold_{fold}"
         self.train_rows = np.flatnonzero(plan.fold_of != fold)
         self.val_rows = np.flatnonzero(plan.fold_of == fold)
+        keep_freed_memory()
         torch.manual_seed(self.cfg.seed * 100 + fold)
         model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
                             pretrained_path=self.cfg.pretrained_path,
