@@ -34,7 +34,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 def use_channels_last(device: torch.device) -> bool:
     """NHWC tensors on CUDA and on the CPU (oneDNN): efficientnet_lite0 trains 3x faster on the CPU
-    that way, resnet10t 1.2x (docs/benchmarks.md, section 3); MPS keeps NCHW."""
+    that way, resnet10t 1.2x (docs/benchmarks.md, section 3, CPU speed); MPS keeps NCHW."""
     return device.type in ("cuda", "cpu")
 
 
