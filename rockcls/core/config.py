@@ -24,7 +24,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT_MODES = ("last", "best")
 AUTO_LR_SCRATCH = 2e-3
-AUTO_LR_PRETRAINED = 5e-4
+AUTO_LR_PRETRAINED = 1e-3
 TTA_MODES = ("none", "flip", "d4")
 
 EXPERIMENT_DEFAULT = "empty = the one `mlflow run --experiment-name` or MLFLOW_EXPERIMENT_NAME chose, else rockcls"
@@ -51,7 +51,7 @@ class TrainConfig:
     epochs: int = option(18, "epochs per fold", min=1)
     batch_size: int = option(32, "micro-batch size", min=1)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", min=1)
-    lr: float = option(0.0, "peak learning rate; 0 = auto: 2e-3 from random initialisation, 5e-4 from "
+    lr: float = option(0.0, "peak learning rate; 0 = auto: 2e-3 from random initialisation, 1e-3 from "
                           "pretrained weights", min=0.0)
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "weight decay", min=0.0)
