@@ -51,8 +51,8 @@ class TrainConfig:
     epochs: int = option(18, "epochs per fold", min=1)
     batch_size: int = option(32, "micro-batch size", min=1)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", min=1)
-    lr: float = option(0.0, "peak learning rate; 0 = auto: 2e-3 from random initialisation, 1e-3 from "
-                          "pretrained weights", min=0.0)
+    lr: float = option(0.0, f"peak learning rate; 0 = auto: {AUTO_LR_SCRATCH:g} from random initialisation, "
+                          f"{AUTO_LR_PRETRAINED:g} from pretrained weights", min=0.0)
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "weight decay", min=0.0)
     warmup_epochs: float = option(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)
