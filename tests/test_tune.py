@@ -396,9 +396,13 @@ def wait_for_trial_mid_way(storage: str, proc: subprocess.Popen, timeout_s: floa
         running = [t.number for t in study.get_trials(states=(TrialState.RUNNING,)) if t.intermediate_values]
         if running:
             os.kill(proc.pid, signal.SIGSTOP)
-            if study.get_trials()[running[0]].state == TrialState.RUNNING:
+            try:
+                still_running = study.get_trials()[running[0]].state == TrialState.RUNNING
+            except optuna.exceptions.StorageInternalError:  # frozen while holding SQLite's write lock
+                still_running = False
+            if still_running:
                 return running[0]
-            os.kill(proc.pid, signal.SIGCONT)  # it finished meanwhile: wait for the next one
+            os.kill(proc.pid, signal.SIGCONT)  # it finished meanwhile, or holds the lock: try again
         time.sleep(0.2)
     proc.kill()
     raise AssertionError("no trial reached its first epoch in time")
