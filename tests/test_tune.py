@@ -506,16 +506,31 @@ def test_search_space_parses_ranges_and_choices_and_names_bad_specs():
 def test_given_train_parameters_are_fixed_and_folds_default_to_one(tmp_path):
     base, fixed = search_space.build_search_config({"data": "x", "lr": "0.01", "hn_ratio": None})
     assert base.folds == 1 and base.lr == 0.01 and fixed == ["lr"]
-    space = search_space.build_search_space(search_space.TuneConfig(), fixed)
+    space = search_space.build_search_space(search_space.TuneConfig(), base, fixed)
     assert [d.name for d in space] == ["hn_ratio", "balanced_ratio", "hn_memory"]
     yaml_file = tmp_path / "fixed.yaml"
     yaml_file.write_text("folds: 3\nhn_memory: 256\n")
     base, fixed = search_space.build_search_config({"data": "x", "config": str(yaml_file)})
     assert base.folds == 3 and base.hn_memory == 256 and fixed == ["hn_memory"]
     with pytest.raises(ConfigError, match="nothing to search"):
-        search_space.build_search_space(search_space.TuneConfig(), ["lr", "hn_ratio", "balanced_ratio", "hn_memory"])
+        search_space.build_search_space(search_space.TuneConfig(), base, ["lr", "hn_ratio", "balanced_ratio", "hn_memory"])
     with pytest.raises(ConfigError, match="resume: not used by tune"):
         search_space.build_search_config({"data": "x", "resume": "abc"})
+
+
+def test_auto_lr_range_is_centred_on_the_automatic_rate_and_the_baseline_uses_that_rate():
+    tune = search_space.TuneConfig()
+    scratch, _ = search_space.build_search_config({"data": "x", "pretrained": False})
+    pretrained, _ = search_space.build_search_config({"data": "x", "pretrained": True})
+    for base in (scratch, pretrained):
+        lr = {d.name: d for d in search_space.build_search_space(tune, base)}["lr"]
+        low, high = search_space.AUTO_LR_SPAN
+        assert lr.log and lr.low == pytest.approx(base.peak_lr() / low) and lr.high == pytest.approx(base.peak_lr() * high)
+        assert search_space.baseline_params([lr], base) == {"lr": base.peak_lr()}
+    assert scratch.peak_lr() != pretrained.peak_lr()
+    explicit = search_space.build_search_space(search_space.TuneConfig(search_lr="1e-5:1e-4"), scratch)
+    assert (explicit[0].low, explicit[0].high) == (1e-5, 1e-4)
+    assert search_space.baseline_params(explicit, scratch) == {k: getattr(scratch, k) for k in ("hn_ratio", "balanced_ratio", "hn_memory")}
 
 
 def test_storage_urls_default_beside_mlflow_rewrite_postgres_and_mask_passwords(monkeypatch):

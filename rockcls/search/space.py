@@ -29,6 +29,9 @@ from rockcls.core.errors import ConfigError
 
 PRUNERS = ("median", "hyperband", "none")
 
+# search_lr=auto: from the automatic rate (TrainConfig.peak_lr) divided by the first to times the second.
+AUTO_LR_SPAN = (20.0, 2.0)
+
 
 # Train settings the search may vary: (log scale, integer).
 SEARCHABLE = {"lr": (True, False), "hn_ratio": (False, False), "balanced_ratio": (False, False),
@@ -54,7 +57,9 @@ class TuneConfig:
     timeout: float = option(0.0, "seconds after which workers start no new trial; 0 = no limit", min=0.0)
     top_k: int = option(3, "best trials ensembled at the end; 0 = no ensemble", min=0)
     register: str = option("rockcls", "registered model name of the ensemble; empty = do not register")
-    search_lr: str = option("1e-5:1e-3", "lr range LOW:HIGH (log scale) or choices A,B; empty = not searched")
+    search_lr: str = option("auto", f"lr range LOW:HIGH (log scale) or choices A,B; auto = the automatic lr "
+                                    f"/{AUTO_LR_SPAN[0]:g} to x{AUTO_LR_SPAN[1]:g} (scratch or pretrained, see "
+                                    f"--lr); empty = not searched")
     search_hn_ratio: str = option("0:0.5", "hn_ratio range or choices; empty = not searched")
     search_balanced_ratio: str = option("0:1", "balanced_ratio range or choices; empty = not searched")
     search_hn_memory: str = option("64:4096", "hn_memory range (log scale) or choices such as 0,256,1024")
@@ -151,19 +156,29 @@ def parse_dimension(name: str, spec: str) -> Dimension:
     return Dimension(name, choices=choices)
 
 
-def build_search_space(tune: TuneConfig, fixed: Iterable[str] = ()) -> list[Dimension]:
+def search_spec(tune: TuneConfig, base: TrainConfig, name: str) -> str:
+    """The ``search_<name>`` text, ``auto`` lr resolved around the base config's automatic rate."""
+    spec = getattr(tune, f"search_{name}").strip()
+    if name == "lr" and spec == "auto":
+        peak = base.peak_lr()  # lr not fixed: base.lr is 0, the automatic rate
+        return f"{peak / AUTO_LR_SPAN[0]:g}:{peak * AUTO_LR_SPAN[1]:g}"
+    return spec
+
+
+def build_search_space(tune: TuneConfig, base: TrainConfig, fixed: Iterable[str] = ()) -> list[Dimension]:
     fixed = set(fixed)
-    space = [parse_dimension(name, getattr(tune, f"search_{name}").strip()) for name in SEARCHABLE
-             if getattr(tune, f"search_{name}").strip() and name not in fixed]
+    specs = {name: search_spec(tune, base, name) for name in SEARCHABLE if name not in fixed}
+    space = [parse_dimension(name, spec) for name, spec in specs.items() if spec]
     if not space:
         raise ConfigError("nothing to search: every searched parameter is fixed or has an empty search_* range")
     return space
 
 
-def baseline_params(space: Sequence[Dimension]) -> dict[str, Any]:
-    """The train defaults of the searched settings (those inside their range): trial 0."""
-    defaults = TrainConfig()
-    return {d.name: getattr(defaults, d.name) for d in space if d.contains(getattr(defaults, d.name))}
+def baseline_params(space: Sequence[Dimension], base: TrainConfig) -> dict[str, Any]:
+    """The base config's values of the searched settings (those inside their range; lr as the
+    automatic rate it stands for): trial 0."""
+    values = {d.name: base.peak_lr() if d.name == "lr" else getattr(base, d.name) for d in space}
+    return {d.name: values[d.name] for d in space if d.contains(values[d.name])}
 
 
 def study_identity(base: TrainConfig, space: Sequence[Dimension], data_fingerprint: str) -> dict[str, Any]:
@@ -191,7 +206,7 @@ class StudyPlan:
 
     @property
     def space(self) -> list[Dimension]:
-        return build_search_space(self.tune, self.fixed)
+        return build_search_space(self.tune, self.base, self.fixed)
 
     @property
     def steps(self) -> int:

@@ -59,7 +59,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     if not timm.is_model(base.backbone):
         raise ConfigError(f"backbone: unknown timm model {base.backbone!r}")
     devices = parse_devices(tune.devices)
-    space = build_search_space(tune, fixed)
+    space = build_search_space(tune, base, fixed)
     index = training.load_dataset(base)  # bad data fails here once, not in every trial
     make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.split_seed)
     identity = study_identity(base, space, content_fingerprint(index))

@@ -107,7 +107,7 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
     tracking.set_description(run_id, describe_study(plan))
     study.set_user_attr(ATTR_RUN, run_id)
     study.set_user_attr(ATTR_IDENTITY, identity)
-    top_up_tickets(study, plan.tune.trials, baseline_params(space) if plan.tune.baseline else None)
+    top_up_tickets(study, plan.tune.trials, baseline_params(space, plan.base) if plan.tune.baseline else None)
     study.set_user_attr(ATTR_READY, True)
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
