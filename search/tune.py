@@ -2,8 +2,9 @@
 
 Every train parameter given here (flag or ``--config`` YAML key) is fixed for all trials; the
 search varies the rest of lr, hn_ratio, balanced_ratio, hn_memory (and optionally
-label_smoothing, augment) within the ``--search-*`` ranges. Re-running the same command resumes
-the study up to ``--trials`` finished trials. See docs/search.md.
+label_smoothing, augment) within the ``--search-*`` ranges; ``--search-backbone`` adds the
+backbone (with its weights and resolution) and replaces the fixed ``--backbone``. Re-running the
+same command resumes the study up to ``--trials`` finished trials. See docs/search.md.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,11 +23,13 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from rockcls.core import devices, names, secrets
-from rockcls.core.config import build_config
+from rockcls.core.config import AUTO_LR_PRETRAINED, build_config
 from rockcls.core.entry import run_command
 from rockcls.core.errors import ConfigError
 from rockcls.core.processes import stop_process_group, wait_for_http
 from rockcls.data.synthetic import make_dataset
+from rockcls.inference.predictor import Predictor
+from rockcls.runs import lookup as predict_lookup
 from rockcls.search import space as search_space
 from rockcls.search import storage as search_storage
 from rockcls.search import study as search_study
@@ -682,3 +685,170 @@ def test_bad_tune_values_end_as_one_line_errors(mlflow_store, data_dir, capsys):
 def test_trials_cannot_run_their_folds_on_devices():
     with pytest.raises(ConfigError, match="devices: a train setting tune does not use"):
         search_space.build_search_config({"data": "somewhere", "devices": "cpu,cpu"})
+
+
+# ---------------------------------------------------------------------------- the backbone as a searched dimension
+
+def test_search_backbone_entries_are_parsed_and_bad_ones_named_in_one_line():
+    base, fixed = search_space.build_search_config({"data": "x", "backbone": "test_efficientnet", "pretrained": False})
+    tune_cfg = search_space.TuneConfig(search_backbone=" test_vit , test_efficientnet:/w/eff.pth@48")
+    space = search_space.build_search_space(tune_cfg, base, fixed)
+    backbone = space[0]
+    assert backbone.name == "backbone" and backbone.choices == ("test_vit", "test_efficientnet:/w/eff.pth@48")
+    assert search_space.train_overrides(space, {"backbone": "test_vit", "lr": 1e-3}) == {"backbone": "test_vit",
+                                                                                        "lr": 1e-3}
+    assert search_space.train_overrides(space, {"backbone": "test_efficientnet:/w/eff.pth@48"}) == {
+        "backbone": "test_efficientnet", "pretrained_path": "/w/eff.pth", "img_size": 48}
+    bad = {"test_vit": "give at least two entries A,B",
+           "test_vit,,test_efficientnet": "empty entry in 'test_vit,,test_efficientnet'",
+           "test_vit,test_efficientnet,test_vit": "'test_vit' is given twice",
+           "test_vit,efficientnet_litex:pkg": "'efficientnet_litex:pkg': unknown timm model 'efficientnet_litex'",
+           "test_vit,test_efficientnet@big": "'test_efficientnet@big': size after @ must be a whole number of "
+                                             "pixels >= 16, got 'big'",
+           "test_vit,test_efficientnet@8": "'test_efficientnet@8': size after @ must be",
+           "test_vit,test_efficientnet:": "'test_efficientnet:': empty weights path after ':'",
+           "test_vit,:eff.pth": "':eff.pth': no timm model name"}
+    for spec, message in bad.items():
+        with pytest.raises(ConfigError, match=r"^search_backbone: ") as err:
+            search_space.build_search_space(search_space.TuneConfig(search_backbone=spec), base, fixed)
+        assert message in str(err.value) and "\n" not in str(err.value), spec
+    with_file, _ = search_space.build_search_config({"data": "x", "pretrained_path": "/w/vit.pth"})
+    with pytest.raises(ConfigError, match="'test_efficientnet' and 'test_vit' would both load pretrained_path"):
+        search_space.build_search_space(search_space.TuneConfig(search_backbone="test_vit,test_efficientnet"),
+                                        with_file)
+
+
+def test_auto_lr_range_spans_every_backbone_entrys_weights_and_the_baseline_trains_the_base_backbone():
+    scratch, _ = search_space.build_search_config({"data": "x", "pretrained": False, "backbone": "test_efficientnet"})
+    low, high = search_space.AUTO_LR_SPAN
+    mixed = search_space.build_search_space(
+        search_space.TuneConfig(search_backbone="test_vit,test_efficientnet:/w/eff.pth"), scratch)
+    lr = {d.name: d for d in mixed}["lr"]
+    pretrained_lr = AUTO_LR_PRETRAINED
+    assert lr.low == pytest.approx(pretrained_lr / low) and lr.high == pytest.approx(scratch.peak_lr() * high)
+    # trial 0: the entry of the base backbone, at the automatic rate of that entry's weights
+    assert search_space.baseline_params(mixed, scratch) == {
+        "backbone": "test_efficientnet:/w/eff.pth", "lr": pretrained_lr, "hn_ratio": 0.0, "balanced_ratio": 0.0,
+        "hn_memory": scratch.hn_memory}
+    same = search_space.build_search_space(search_space.TuneConfig(search_backbone="test_vit,test_efficientnet"),
+                                           scratch)
+    lr = {d.name: d for d in same}["lr"]
+    assert (lr.low, lr.high) == pytest.approx((scratch.peak_lr() / low, scratch.peak_lr() * high))
+    other, _ = search_space.build_search_config({"data": "x", "pretrained": False, "backbone": "davit_base"})
+    baseline = search_space.baseline_params(same, other)
+    assert baseline["backbone"] == "test_vit", "base backbone not listed: the first entry"
+    # the first tickets cover every backbone: the baseline's, then the others (their other params sampled)
+    assert search_space.opening_params(same, baseline) == [baseline, {"backbone": "test_efficientnet"}]
+    assert search_space.opening_params(same, {}) == [{"backbone": "test_vit"}, {"backbone": "test_efficientnet"}]
+    assert search_space.opening_params([lr], {"lr": 1e-3}) == [{"lr": 1e-3}]
+
+
+def test_study_identity_holds_the_backbone_choices_not_the_replaced_backbone():
+    base, fixed = search_space.build_search_config({"data": "x", "backbone": "test_efficientnet"})
+
+    def identity(spec: str) -> dict:
+        space = search_space.build_search_space(search_space.TuneConfig(search_backbone=spec), base, fixed)
+        return search_space.study_identity(base, space, "fp")
+
+    a, b = identity("test_vit,test_efficientnet"), identity("test_vit,test_efficientnet@48")
+    assert "backbone" not in a["fixed"] and a["space"]["backbone"] == "test_vit,test_efficientnet"
+    assert search_tickets.identity_diffs(a, b) == ["space.backbone: 'test_vit,test_efficientnet' -> "
+                                                   "'test_vit,test_efficientnet@48'"]
+    plain = search_space.build_search_space(search_space.TuneConfig(), base, fixed)
+    assert search_space.backbone_label(base, plain) == "test_efficientnet"
+    assert search_space.default_study_name(a, "test_vit+test_efficientnet").startswith("test_vit+test_efficientnet-")
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_pruner_compares_a_trial_only_with_trials_of_its_own_backbone(pruner):
+    """test_vit trials score 0.9 at the first check, test_efficientnet ones 0.3-0.35. A
+    test_efficientnet trial at 0.4 is behind the study but ahead of its own backbone."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    choices = ["test_vit", "test_efficientnet"]
+    dist = {"backbone": CategoricalDistribution(choices)}
+
+    def asked(search_backbone: str, backbone: str, value: float) -> bool:
+        tune_cfg = search_space.TuneConfig(pruner=pruner, pruner_startup=2, pruner_warmup=0,
+                                           search_backbone=search_backbone)
+        # steps=1: one Hyperband bracket, so the bracket a trial lands in plays no part here
+        study = optuna.create_study(direction="maximize", pruner=search_space.build_pruner(tune_cfg, steps=1))
+        for label, score in [("test_vit", 0.9)] * 3 + [("test_efficientnet", 0.3), ("test_efficientnet", 0.35)]:
+            study.add_trial(create_trial(params={"backbone": label}, distributions=dist, value=score,
+                                         intermediate_values={0: score, 1: score},
+                                         system_attrs={"completed_rung_0": score}))
+        study.enqueue_trial({"backbone": backbone})
+        trial = study.ask()
+        assert trial.suggest_categorical("backbone", choices) == backbone
+        trial.report(value, 1)
+        return trial.should_prune()
+
+    assert asked("", "test_efficientnet", 0.4), "without --search-backbone it is judged against every trial"
+    assert not asked("test_vit,test_efficientnet", "test_efficientnet", 0.4)
+    assert asked("test_vit,test_efficientnet", "test_efficientnet", 0.2), "still pruned when behind its own kind"
+    assert asked("test_vit,test_efficientnet", "test_vit", 0.5)
+
+
+def test_study_over_two_backbones_trains_both_and_ensembles_them(mlflow_store, data_dir, capsys):
+    """4 trials over test_vit (at the fixed 32 px) and test_efficientnet pinned to 48 px; trial 0
+    (baseline) is the base backbone's entry, the top-4 ensemble holds both kinds."""
+    import pandas as pd
+
+    argv = ["--data", str(data_dir), *TRAIN_ARGS, "--trials", "4", "--epochs", "2", "--search-backbone",
+            "test_vit,test_efficientnet@48", "--top-k", "4", "--register", "mixed", "--study-name", "mixed"]
+    assert run_command(tune.main, argv) == 0
+    study = optuna.load_study(study_name="mixed", storage=f"sqlite:///{Path.cwd() / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert trials[0].params["backbone"] == "test_efficientnet@48" and trials[0].user_attrs[names.BASELINE]
+    assert {t.params["backbone"] for t in trials} == {"test_vit", "test_efficientnet@48"}
+    client = MlflowClient()
+    runs = trial_runs(client, study.user_attrs[search_space.ATTR_RUN])
+    trained = {t.number: (runs[t.number].data.params["backbone"], runs[t.number].data.params["img_size"])
+               for t in trials}
+    for t in trials:
+        assert trained[t.number] == {"test_vit": ("test_vit", "32"),
+                                     "test_efficientnet@48": ("test_efficientnet", "48")}[t.params["backbone"]]
+    study_run = client.get_run(study.user_attrs[search_space.ATTR_RUN])
+    assert study_run.data.params["search.backbone"] == "test_vit,test_efficientnet@48"
+    assert study_run.data.tags[names.BACKBONE] == "test_vit+test_efficientnet"
+    ensemble_run = client.get_run(study_run.data.tags[names.ENSEMBLE_RUN])
+    members = ensemble_run.data.tags[names.MEMBERS].split(",")
+    assert len(members) == 4 and {client.get_run(r).data.params["backbone"] for r in members} == {
+        "test_vit", "test_efficientnet"}
+    images = sorted(str(p) for p in Path(data_dir).rglob("*.png"))[:3]
+    # the members together: one predictor over both backbones, each fed at its own resolution
+    parts = [predict_lookup.load_run_predictor(r) for r in members]
+    together = Predictor([m for p in parts for m in p.models], [1.0] * sum(len(p.models) for p in parts),
+                         parts[0].classes)
+    assert {(spec["backbone"], spec["img_size"]) for _, spec in together.models} == {("test_vit", 32),
+                                                                                    ("test_efficientnet", 48)}
+    assert not any(together.predict(images, tta="none", device="cpu").errors)
+    # the registered ensemble: the members with a positive fitted weight
+    weights = [ensemble_run.data.metrics[f"weight.{i}"] for i in range(len(members))]
+    kept = {tuple(client.get_run(r).data.params[k] for k in ("backbone", "img_size"))
+            for r, w in zip(members, weights) if w > 0}
+    model = mlflow.pyfunc.load_model("models:/mixed@champion", model_config={"image_root": str(data_dir)})
+    packed = {(spec["backbone"], str(spec["img_size"])) for _, spec in model.unwrap_python_model().predictor.models}
+    assert packed == kept
+    out = model.predict(pd.DataFrame({"img_path": images}), params={"tta": "none"})
+    assert len(out) == 3 and (out["error"] == "").all()
+
+    capsys.readouterr()
+    other = with_arg(argv, "--search-backbone", "test_vit,test_efficientnet")
+    assert run_command(tune.main, other) == 2
+    assert ("(space.backbone: 'test_vit,test_efficientnet@48' -> 'test_vit,test_efficientnet')"
+            in capsys.readouterr().err)
+
+
+def test_mlproject_tune_passes_search_backbone_and_an_empty_one_means_not_searched():
+    from mlflow.projects import _project_spec
+
+    entry = _project_spec.load_project(str(ROOT)).get_entry_point("tune")
+    for given, expected in [({}, ""), ({"search_backbone": "test_vit,test_efficientnet@48"},
+                                       "test_vit,test_efficientnet@48")]:
+        command = entry.compute_command({"data": "/d", **given}, storage_dir=None)
+        args = shlex.split(command)[2:]  # python search/tune.py
+        ns = tune.build_parser().parse_args(args)
+        assert build_config(search_space.TuneConfig, {"search_backbone": ns.search_backbone}).search_backbone == expected

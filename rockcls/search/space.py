@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from rockcls.core import names, secrets
 from rockcls.core.config import (
+    MIN_IMG_SIZE,
     TrainConfig,
     build_config,
     check_value,
@@ -26,8 +27,13 @@ from rockcls.core.config import (
     option,
 )
 from rockcls.core.errors import ConfigError
+from rockcls.search.pruning import SameParamPruner
+from rockcls.training.models import check_backbone
 
 PRUNERS = ("median", "hyperband", "none")
+
+# The searched backbone's parameter name: each choice is an entry of --search-backbone.
+BACKBONE = "backbone"
 
 # search_lr=auto: from the automatic rate (TrainConfig.peak_lr) divided by the first to times the second.
 AUTO_LR_SPAN = (20.0, 2.0)
@@ -65,9 +71,14 @@ class TuneConfig:
     search_hn_memory: str = option("64:4096", "hn_memory range (log scale) or choices such as 0,256,1024")
     search_label_smoothing: str = option("", "label_smoothing range or choices; empty = not searched")
     search_augment: str = option("", "augmentation presets to choose from, e.g. light,seed,winner")
+    search_backbone: str = option("", "backbones to choose from, TIMM_NAME[:PRETRAINED_PATH][@SIZE],...; replaces "
+                                      "--backbone; a name alone loads weights as --pretrained / --pretrained-path "
+                                      "say, and trains at --img-size (0 = its native resolution); empty = not "
+                                      "searched")
     baseline: bool = option(True, "first trial = the train defaults of the searched parameters")
     sampler_startup: int = option(5, "random trials before the TPE sampler models the space", min=0)
-    pruner_startup: int = option(3, "completed trials before the median pruner prunes", min=0)
+    pruner_startup: int = option(3, "completed trials (of the same backbone, when searched) before the median "
+                                    "pruner prunes", min=0)
     pruner_warmup: int = option(1, "epochs of the first fold before the median pruner prunes", min=0)
     heartbeat: int = option(30, "seconds between heartbeats of a running trial; stale (retried) after 2x", min=1)
     retries: int = option(2, "new attempts of a slot whose trial raised or whose worker died", min=0)
@@ -131,6 +142,122 @@ class Dimension:
             return ",".join(map(str, self.choices))
         return f"{self.low}:{self.high}{' (log)' if self.log else ''}"
 
+    def to_train(self, value: Any) -> dict[str, Any]:
+        """The train settings a suggested value stands for."""
+        return {self.name: value}
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """One entry of --search-backbone: ``backbone`` with its own weights and resolution, if given
+    (empty / 0: the base config's)."""
+
+    backbone: str
+    pretrained_path: str = ""
+    img_size: int = 0
+
+    @property
+    def label(self) -> str:
+        """The entry as written (normalised): the categorical choice Optuna stores and shows."""
+        path = f":{self.pretrained_path}" if self.pretrained_path else ""
+        size = f"@{self.img_size}" if self.img_size else ""
+        return f"{self.backbone}{path}{size}"
+
+    def to_train(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"backbone": self.backbone}
+        if self.pretrained_path:
+            out["pretrained_path"] = self.pretrained_path
+        if self.img_size:
+            out["img_size"] = self.img_size
+        return out
+
+
+@dataclass(frozen=True)
+class BackboneDimension(Dimension):
+    """The backbone as a categorical dimension; its choices are the entries' labels."""
+
+    entries: tuple[BackboneEntry, ...] = ()
+
+    def to_train(self, value: Any) -> dict[str, Any]:
+        return next(e for e in self.entries if e.label == value).to_train()
+
+    def default_for(self, base: TrainConfig) -> str:
+        """The entry of the base config's backbone, else the first: what the baseline trial trains."""
+        return next((e.label for e in self.entries if e.backbone == base.backbone), self.entries[0].label)
+
+
+def parse_backbone_entry(entry: str) -> BackboneEntry:
+    """``TIMM_NAME[:PRETRAINED_PATH][@SIZE]``, checked (a path cannot hold ``@``)."""
+    head, at, size_text = entry.partition("@")
+    name, colon, path = (part.strip() for part in head.partition(":"))
+    size = 0
+    if at:
+        size_text = size_text.strip()
+        if not size_text.isdigit() or int(size_text) < MIN_IMG_SIZE:
+            raise ConfigError(f"search_backbone: {entry!r}: size after @ must be a whole number of pixels "
+                              f">= {MIN_IMG_SIZE}, got {size_text!r}")
+        size = int(size_text)
+    if not name:
+        raise ConfigError(f"search_backbone: {entry!r}: no timm model name before ':' or '@'")
+    if colon and not path:
+        raise ConfigError(f"search_backbone: {entry!r}: empty weights path after ':' (write the name alone for "
+                          f"the --pretrained / --pretrained-path weights)")
+    try:
+        check_backbone(name)
+    except ConfigError as exc:
+        raise ConfigError(f"search_backbone: {entry!r}: {str(exc).removeprefix('backbone: ')}") from None
+    return BackboneEntry(name, path, size)
+
+
+def parse_backbones(spec: str, base: TrainConfig) -> BackboneDimension:
+    """``A,B[:PATH][@SIZE],...``: at least two distinct entries; a name alone takes the base
+    config's weights, so two different names alone cannot share one --pretrained-path file."""
+    texts = [t.strip() for t in spec.split(",")]
+    if any(not t for t in texts):
+        raise ConfigError(f"search_backbone: empty entry in {spec!r}")
+    entries = [parse_backbone_entry(t) for t in texts]
+    labels = [e.label for e in entries]
+    dupes = [label for i, label in enumerate(labels) if label in labels[:i]]
+    if dupes:
+        raise ConfigError(f"search_backbone: {dupes[0]!r} is given twice")
+    if len(entries) < 2:
+        raise ConfigError(f"search_backbone: give at least two entries A,B (got {spec!r}); to fix the backbone "
+                          f"for all trials pass --backbone (and --pretrained-path, --img-size) instead")
+    bare = sorted({e.backbone for e in entries if not e.pretrained_path})
+    if base.pretrained_path and len(bare) > 1:
+        raise ConfigError(f"search_backbone: {bare[0]!r} and {bare[1]!r} would both load pretrained_path "
+                          f"{base.pretrained_path!r}; give each its weights as NAME:PATH")
+    return BackboneDimension(BACKBONE, choices=tuple(labels), entries=tuple(entries))
+
+
+def entry_configs(base: TrainConfig, backbones: Dimension | None) -> list[TrainConfig]:
+    """The base config as each backbone entry trains it (the base alone when none is searched)."""
+    if backbones is None:
+        return [base]
+    return [dataclasses.replace(base, **backbones.to_train(c)) for c in backbones.choices]
+
+
+def train_overrides(space: Sequence[Dimension], params: dict[str, Any]) -> dict[str, Any]:
+    """The train settings of one trial's suggestions (a backbone label stands for its name, weights
+    and size)."""
+    out: dict[str, Any] = {}
+    for d in space:
+        if d.name in params:
+            out.update(d.to_train(params[d.name]))
+    return out
+
+
+def backbone_dimension(space: Sequence[Dimension]) -> Dimension | None:
+    return next((d for d in space if d.name == BACKBONE), None)
+
+
+def backbone_label(base: TrainConfig, space: Sequence[Dimension]) -> str:
+    """What the study trains: the fixed backbone, or the searched ones joined by ``+``."""
+    searched = backbone_dimension(space)
+    if searched is None:
+        return base.backbone
+    return "+".join(dict.fromkeys(e.backbone for e in searched.entries))
+
 
 def parse_dimension(name: str, spec: str) -> Dimension:
     """``LOW:HIGH`` or ``A,B,...`` for train setting ``name``, checked against its valid values."""
@@ -156,19 +283,24 @@ def parse_dimension(name: str, spec: str) -> Dimension:
     return Dimension(name, choices=choices)
 
 
-def search_spec(tune: TuneConfig, base: TrainConfig, name: str) -> str:
-    """The ``search_<name>`` text, ``auto`` lr resolved around the base config's automatic rate."""
+def search_spec(tune: TuneConfig, bases: Sequence[TrainConfig], name: str) -> str:
+    """The ``search_<name>`` text; ``auto`` lr spans the automatic rate of every config in
+    ``bases`` (one per searched backbone entry, whose weights may differ) /20 to x2."""
     spec = getattr(tune, f"search_{name}").strip()
     if name == "lr" and spec == "auto":
-        peak = base.peak_lr()  # lr not fixed: base.lr is 0, the automatic rate
-        return f"{peak / AUTO_LR_SPAN[0]:g}:{peak * AUTO_LR_SPAN[1]:g}"
+        peaks = [b.peak_lr() for b in bases]  # lr not fixed: base.lr is 0, the automatic rate
+        return f"{min(peaks) / AUTO_LR_SPAN[0]:g}:{max(peaks) * AUTO_LR_SPAN[1]:g}"
     return spec
 
 
 def build_search_space(tune: TuneConfig, base: TrainConfig, fixed: Iterable[str] = ()) -> list[Dimension]:
+    """The searched dimensions; a --search-backbone dimension comes first and replaces the fixed backbone."""
     fixed = set(fixed)
-    specs = {name: search_spec(tune, base, name) for name in SEARCHABLE if name not in fixed}
-    space = [parse_dimension(name, spec) for name, spec in specs.items() if spec]
+    backbones = parse_backbones(tune.search_backbone, base) if tune.search_backbone.strip() else None
+    bases = entry_configs(base, backbones)
+    specs = {name: search_spec(tune, bases, name) for name in SEARCHABLE if name not in fixed}
+    space = [backbones] if backbones else []
+    space += [parse_dimension(name, spec) for name, spec in specs.items() if spec]
     if not space:
         raise ConfigError("nothing to search: every searched parameter is fixed or has an empty search_* range")
     return space
@@ -176,22 +308,40 @@ def build_search_space(tune: TuneConfig, base: TrainConfig, fixed: Iterable[str]
 
 def baseline_params(space: Sequence[Dimension], base: TrainConfig) -> dict[str, Any]:
     """The base config's values of the searched settings (those inside their range; lr as the
-    automatic rate it stands for): trial 0."""
-    values = {d.name: base.peak_lr() if d.name == "lr" else getattr(base, d.name) for d in space}
+    automatic rate it stands for): trial 0. A searched backbone is the base config's one if listed,
+    else the first entry, and lr is the automatic rate of that entry's weights."""
+    backbones = backbone_dimension(space)
+    values = {BACKBONE: backbones.default_for(base)} if backbones else {}
+    ref = entry_configs(base, backbones)[backbones.choices.index(values[BACKBONE])] if backbones else base
+    values.update({d.name: ref.peak_lr() if d.name == "lr" else getattr(ref, d.name)
+                   for d in space if d.name != BACKBONE})
     return {d.name: values[d.name] for d in space if d.contains(values[d.name])}
 
 
+def opening_params(space: Sequence[Dimension], baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fixed parameters of the first slots: the baseline (if any), then one slot for each searched
+    backbone entry it does not train, so every backbone runs early (and its trials have peers to
+    be pruned against) however the sampler draws; the other parameters are sampled."""
+    first = [baseline] if baseline else []
+    backbones = backbone_dimension(space)
+    if backbones is not None:
+        first += [{BACKBONE: c} for c in backbones.choices if c != baseline.get(BACKBONE)]
+    return first
+
+
 def study_identity(base: TrainConfig, space: Sequence[Dimension], data_fingerprint: str) -> dict[str, Any]:
-    """What makes two invocations the same study: data, fixed settings and search space."""
+    """What makes two invocations the same study: data, fixed settings and search space (a
+    searched backbone's entries included)."""
     searched = {d.name for d in space}
     fixed = {k: v for k, v in base.to_dict().items() if k not in MACHINE_LOCAL and k not in searched}
     return {"data_fingerprint": data_fingerprint, "fixed": fixed,
             "space": {d.name: d.describe() for d in space}}
 
 
-def default_study_name(identity: dict[str, Any]) -> str:
+def default_study_name(identity: dict[str, Any], backbones: str) -> str:
+    """``<backbones>-<hash of the identity>``; ``backbones`` as `backbone_label` gives it."""
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return f"{identity['fixed']['backbone']}-{digest}"
+    return f"{backbones}-{digest}"
 
 
 @dataclass
@@ -230,6 +380,12 @@ def build_sampler(plan: StudyPlan, worker: int, seen: int) -> optuna.samplers.Ba
 
 
 def build_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """The --pruner; with a searched backbone it compares each trial only with trials of its backbone."""
+    pruner = build_base_pruner(tune, steps)
+    return SameParamPruner(pruner, BACKBONE) if tune.search_backbone.strip() else pruner
+
+
+def build_base_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup, n_warmup_steps=tune.pruner_warmup)
     if tune.pruner == "hyperband":
@@ -255,7 +411,8 @@ READY_WAIT_S = 60.0
 def describe_study(plan: StudyPlan, outcome: Any = None) -> str:
     """Markdown for the study run: what is searched, the result so far and the command to resume it."""
     base, space = plan.base, plan.space
-    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{base.backbone}` on "
+    trains = backbone_label(base, space)
+    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{trains}` on "
             f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
             f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
             f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")

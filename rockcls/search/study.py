@@ -1,4 +1,4 @@
-"""Optuna search over the sampler mixture, the hard-negative memory and the learning rate.
+"""Optuna search over the sampler mixture, the hard-negative memory, the learning rate and optionally the backbone.
 
 A study holds a fixed number of *slots* (``trials``). Each slot starts as a queued (WAITING)
 trial, a ticket, created once by whoever creates the study (or raises ``trials``). Workers only
@@ -10,21 +10,21 @@ heartbeat) is FAILED and queued again with the same parameters.
 
 Each trial is one `rockcls.training.trainer.run_training` call: its train run (kind ``trial``) nests under
 the study's MLflow run, reports validation macro-F1 on step ``fold * epochs + epoch`` (so the
-pruner compares like with like), and stops at once when pruned (MLflow status KILLED)."""
+pruner compares like with like; with a searched backbone, only among trials of that backbone), and
+stops at once when pruned (MLflow status KILLED)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import optuna
-import timm
 
 from rockcls.core import tracking
 from rockcls.core.config import (
     TrainConfig,
 )
 from rockcls.core.devices import parse_devices
-from rockcls.core.errors import ConfigError
 from rockcls.data.index import content_fingerprint, make_folds
 from rockcls.search.report import (
     StudyOutcome,
@@ -33,8 +33,11 @@ from rockcls.search.report import (
     summarise,
 )
 from rockcls.search.space import (
+    Dimension,
     StudyPlan,
     TuneConfig,
+    backbone_dimension,
+    backbone_label,
     build_search_space,
     default_study_name,
     quiet_optuna,
@@ -49,6 +52,9 @@ from rockcls.search.storage import (
 from rockcls.search.tickets import open_study
 from rockcls.search.workers import launch_workers, run_in_process
 from rockcls.training import trainer as training
+from rockcls.training.models import check_backbone
+
+log = logging.getLogger("rockcls")
 
 
 def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) -> StudyOutcome:
@@ -56,15 +62,15 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     quiet_optuna()
     refuse_logged_password(tune.storage)
     warn_visible_password(tune.storage)
-    if not timm.is_model(base.backbone):
-        raise ConfigError(f"backbone: unknown timm model {base.backbone!r}")
     devices = parse_devices(tune.devices)
     space = build_search_space(tune, base, fixed)
+    check_fixed_backbone(base, space)
     index = training.load_dataset(base)  # bad data fails here once, not in every trial
     make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.split_seed)
     identity = study_identity(base, space, content_fingerprint(index))
     url = resolve_storage_url(tune.storage, tracking.tracking_uri())
-    plan = StudyPlan(base, tune, sorted(fixed), tune.study_name or default_study_name(identity), url)
+    name = tune.study_name or default_study_name(identity, backbone_label(base, space))
+    plan = StudyPlan(base, tune, sorted(fixed), name, url)
     storage = build_storage(url, heartbeat=tune.heartbeat, retries=tune.retries)
     study_run_id = open_study(plan, storage, identity)
     training.log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
@@ -80,3 +86,12 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
         finalise_study(study, storage, plan, outcome)
     close_study_run(study, study_run_id, target=tune.trials, failed=any(codes))
     return outcome
+
+
+def check_fixed_backbone(base: TrainConfig, space: Sequence[Dimension]) -> None:
+    """The fixed backbone must exist; a searched one replaces it (its entries are checked when parsed)."""
+    searched = backbone_dimension(space)
+    if searched is None:
+        check_backbone(base.backbone)
+    elif base.backbone not in {e.backbone for e in searched.entries}:
+        log.info("%s: not trained; --search-backbone chooses among %s", base.backbone, searched.describe())

@@ -23,8 +23,10 @@ from rockcls.search.space import (
     READY_WAIT_S,
     SLOT,
     StudyPlan,
+    backbone_label,
     baseline_params,
     describe_study,
+    opening_params,
 )
 
 log = logging.getLogger("rockcls")
@@ -51,16 +53,16 @@ def slot_of(trial: FrozenTrial) -> int | None:
     return int(slot) if slot is not None else None
 
 
-def top_up_tickets(study: optuna.Study, target: int, first_params: dict[str, Any] | None = None) -> int:
-    """Queue a ticket for every slot below ``target`` that no live trial holds."""
+def top_up_tickets(study: optuna.Study, target: int, first: Sequence[dict[str, Any]] = (),
+                   baseline: bool = False) -> int:
+    """Queue a ticket for every slot below ``target`` that no live trial holds; slot ``i`` gets
+    the fixed parameters ``first[i]`` (slot 0 is the baseline trial when ``baseline``)."""
     live = (TrialState.WAITING, *HELD)
     held = {slot_of(t) for t in study.get_trials(deepcopy=False, states=live)}
     missing = [s for s in range(target) if s not in held]
     for s in missing:
-        if s == 0 and first_params:
-            study.enqueue_trial(first_params, user_attrs={SLOT: s, ATTEMPT: 0, names.BASELINE: True})
-        else:
-            study.enqueue_trial({}, user_attrs={SLOT: s, ATTEMPT: 0})
+        marks = {names.BASELINE: True} if s == 0 and baseline else {}
+        study.enqueue_trial(first[s] if s < len(first) else {}, user_attrs={SLOT: s, ATTEMPT: 0, **marks})
     return len(missing)
 
 
@@ -93,11 +95,11 @@ def wait_until_ready(study: optuna.Study, wait_s: float = READY_WAIT_S) -> bool:
 
 
 def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any]) -> str:
+    space = plan.space
     tags = {names.STUDY: plan.study_name, names.STORAGE: secrets.mask_url(plan.storage_url),
-            names.BACKBONE: plan.base.backbone, names.DATA_FINGERPRINT: identity["data_fingerprint"]}
+            names.BACKBONE: backbone_label(plan.base, space), names.DATA_FINGERPRINT: identity["data_fingerprint"]}
     run_id = tracking.start_run(experiment=plan.base.experiment, name=f"study-{plan.study_name}", kind="study",
                                 tags=tags, adopt_env_run=True)
-    space = plan.space
     tracking.log_params(run_id, {**{f"search.{d.name}": d.describe() for d in space},
                                  **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
                                  "study_name": plan.study_name, "pruner": plan.tune.pruner,
@@ -107,7 +109,8 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
     tracking.set_description(run_id, describe_study(plan))
     study.set_user_attr(ATTR_RUN, run_id)
     study.set_user_attr(ATTR_IDENTITY, identity)
-    top_up_tickets(study, plan.tune.trials, baseline_params(space, plan.base) if plan.tune.baseline else None)
+    baseline = baseline_params(space, plan.base) if plan.tune.baseline else {}
+    top_up_tickets(study, plan.tune.trials, opening_params(space, baseline), baseline=bool(baseline))
     study.set_user_attr(ATTR_READY, True)
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))

@@ -20,6 +20,7 @@ from rockcls.search.space import (
     SLOT,
     StudyPlan,
     fmt_value,
+    train_overrides,
 )
 from rockcls.search.storage import find_trial_run
 from rockcls.search.tickets import slot_of
@@ -72,7 +73,7 @@ class Objective:
                 SLOT: str(trial.user_attrs.get(SLOT, "")), ATTEMPT: str(trial.user_attrs.get(ATTEMPT, ""))}
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items()))
         try:
-            cfg = training.with_overrides(base, **params)
+            cfg = training.with_overrides(base, **train_overrides(self.space, params))
             result = training.run_training(cfg, parent_run_id=self.study_run_id, kind="trial", tags=tags,
                                            on_epoch_end=reporter)
         except optuna.TrialPruned:
