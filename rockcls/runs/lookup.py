@@ -43,6 +43,18 @@ def download_run_checkpoints(run_id: str, dst: str | Path) -> list[Path]:
             for k, r in enumerate(folds)]
 
 
+def download_full_checkpoint(run_id: str, dst: str | Path) -> Path | None:
+    """The model.pt of a train run's network fitted on every image (``--full-fit``), or None."""
+    full = [r for r in tracking.child_runs(run_id, kind="full") if r.data.tags.get(names.COMPLETE) == "true"]
+    if not full:
+        return None
+    return tracking.download(full[0].info.run_id, names.FOLD_MODEL, str(Path(dst) / "full"))
+
+
+def has_full_network(run_id: str) -> bool:
+    return any(r.data.tags.get(names.COMPLETE) == "true" for r in tracking.child_runs(run_id, kind="full"))
+
+
 def load_run_predictor(run_id: str, device: str | torch.device = "cpu") -> Predictor:
     """All fold checkpoints of a train run, equally weighted."""
     with tempfile.TemporaryDirectory(prefix="rockcls-ckpt-") as tmp:

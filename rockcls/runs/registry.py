@@ -37,7 +37,7 @@ from rockcls.data.images import read_under_root
 from rockcls.data.sources import BytesSource
 from rockcls.inference.predictor import Predictor, load_models
 from rockcls.runs.ensemble import EnsembleFit
-from rockcls.runs.lookup import download_run_checkpoints
+from rockcls.runs.lookup import download_full_checkpoint, download_run_checkpoints
 from rockcls.training.device import resolve_device
 from rockcls.training.transforms import tta_views
 
@@ -57,7 +57,7 @@ from rockcls.runs.registry import RockclsModel
 set_model(RockclsModel())
 '''
 # One line per paragraph or item: the MLflow UI renders a single newline as a line break.
-MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting ensemble of k-fold train runs (every fold checkpoint of every member with a weight), made by `rockcls ensemble --register` or an Optuna study.
+MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting ensemble of k-fold train runs (every fold checkpoint of every member with a weight, or each member's one network fitted on every image: tag `rockcls.networks`), made by `rockcls ensemble --register` or an Optuna study.
 
 * Load: `mlflow.pyfunc.load_model("models:/{name}@champion")`, or serve it with `mlflow models serve -m models:/{name}@champion`.
 * Input: a DataFrame with `image_b64` (base64 images) and/or `img_path` (read only under an image root configured where the model runs: ROCKCLS_IMAGE_ROOT or model_config image_root; refused otherwise).
@@ -294,20 +294,29 @@ def build_input_example() -> pd.DataFrame:
     return pd.DataFrame({B64_COLUMN: [base64.b64encode(png.tobytes()).decode("ascii")]})
 
 
-def pack_ensemble(fit: EnsembleFit, tta: str, workdir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def pack_ensemble(fit: EnsembleFit, tta: str, workdir: Path, networks: str = "folds"
+                  ) -> tuple[dict[str, Any], dict[str, str]]:
     """The manifest (ensemble.json) and the artifact files: every fold checkpoint of each member
-    with a non-zero weight (a zero-weight member cannot change a prediction)."""
+    with a non-zero weight (a zero-weight member cannot change a prediction), or with ``networks``
+    full each member's one network fitted on every image (``train --full-fit``)."""
     artifacts: dict[str, str] = {}
     members = []
     for i, (run_id, name, weight) in enumerate(zip(fit.run_ids, fit.names, fit.weights)):
         keys = []
-        if weight > 0:
+        if weight > 0 and networks == "full":
+            path = download_full_checkpoint(run_id, workdir / f"member{i}")
+            if path is None:
+                raise RockclsError(f"register: train run {run_id} has no network fitted on every image "
+                                   f"(train it with --full-fit, or register its folds: networks=folds)")
+            keys.append(f"member{i}_full")
+            artifacts[keys[-1]] = str(path.rename(workdir / f"{keys[-1]}.pt"))
+        elif weight > 0:
             for k, path in enumerate(download_run_checkpoints(run_id, workdir / f"member{i}")):
                 keys.append(f"member{i}_fold{k}")
                 artifacts[keys[-1]] = str(path.rename(workdir / f"{keys[-1]}.pt"))
         members.append({"run_id": run_id, "name": name, "weight": float(weight), "checkpoints": keys,
                         "oof_macro_f1": fit.member_scores[run_id]})
-    manifest = {"format": 1, "classes": list(fit.classes), "tta": tta, "members": members,
+    manifest = {"format": 1, "classes": list(fit.classes), "tta": tta, "members": members, "networks": networks,
                 "bias": {c: float(v) for c, v in zip(fit.classes, fit.bias)},
                 "decision": "argmax(log(sum_m w_m mean_folds,views softmax) + bias)",
                 "scores": fit.to_dict()["scores"], "split": dict(fit.split)}
@@ -317,7 +326,7 @@ def pack_ensemble(fit: EnsembleFit, tta: str, workdir: Path) -> tuple[dict[str, 
     return manifest, artifacts
 
 
-def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = ""):
+def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "", networks: str = "folds"):
     """Log the pyfunc model as an output of ``run_id``, in that run's experiment, named ``name``
     (default: the ensemble's name); returns MLflow's ModelInfo.
 
@@ -331,10 +340,10 @@ def log_ensemble_model(fit: EnsembleFit, *, run_id: str, tta: str, name: str = "
         model_type="rockcls-ensemble", params=dict(run.data.params),
         # context tags first: the Models tab's "Logged from" names the command, not __main__.py
         tags={**tracking.context_tags(), names.MEMBERS: ",".join(fit.run_ids), names.STRATEGY: fit.strategy,
-              names.TTA: tta})
+              names.TTA: tta, names.NETWORKS: networks})
     with tempfile.TemporaryDirectory(prefix="rockcls-model-") as tmp:
         work = Path(tmp)
-        _, artifacts = pack_ensemble(fit, tta, work)
+        _, artifacts = pack_ensemble(fit, tta, work, networks)
         code = work / "code" / "rockcls"
         shutil.copytree(Path(__file__).parents[1], code,  # the whole rockcls package
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -363,32 +372,35 @@ class Registration:
         return f"registered {self.name} version {self.version} (macro-F1 {self.score:.4f}): {state} ({self.reason})"
 
 
-def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "none", force: bool = False) -> Registration:
+def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "none", force: bool = False,
+                      networks: str = "folds") -> Registration:
     """Log the ensemble as a pyfunc model, register a new version of ``name``, maybe move @champion."""
-    info = log_ensemble_model(fit, run_id=run_id, tta=tta)
+    info = log_ensemble_model(fit, run_id=run_id, tta=tta, networks=networks)
     # Full precision (repr): the champion comparison reads the score back from this tag.
     tags = {names.SCORE: repr(float(fit.score)), "rockcls.insample_macro_f1": repr(float(fit.insample_score)),
             "rockcls.equal_weight_macro_f1": repr(float(fit.equal_weight_score)), names.ENSEMBLE_RUN: run_id,
             names.MEMBERS: ",".join(fit.run_ids), names.STRATEGY: fit.strategy, names.TTA: tta,
-            names.SPLIT_FINGERPRINT: fit.split.get(names.SPLIT_FINGERPRINT, "")}
+            names.NETWORKS: networks, names.SPLIT_FINGERPRINT: fit.split.get(names.SPLIT_FINGERPRINT, "")}
     version = mlflow.register_model(info.model_uri, name, tags=tags).version
     moved, reason = update_champion(name, str(version), fit.score, force=force)
     tracking.set_tags(run_id, {names.MODEL_URI: info.model_uri, "rockcls.registered_model": name,
                                "rockcls.model_version": str(version), "rockcls.champion": str(moved).lower()})
     reg = Registration(name, str(version), f"models:/{name}/{version}", fit.score, moved, reason)
-    describe_registration(fit, reg, run_id=run_id, tta=tta)
+    describe_registration(fit, reg, run_id=run_id, tta=tta, networks=networks)
     log.info("%s", reg.summary())
     return reg
 
 
-def describe_registration(fit: EnsembleFit, reg: Registration, *, run_id: str, tta: str) -> None:
+def describe_registration(fit: EnsembleFit, reg: Registration, *, run_id: str, tta: str,
+                          networks: str = "folds") -> None:
     """Descriptions of the version, of the registered model (when it has none) and a line on the run."""
     client = MlflowClient()
     state = "@champion" if reg.champion else "not champion"
     # Score and alias first: the versions table previews only the start of a description.
     client.update_model_version(reg.name, reg.version, description=(
         f"**Honest macro-F1 {fit.score:.4f}** (cross-fitted), {state}: {reg.reason}. Ensemble `{fit.name}` of "
-        f"{len(fit.run_ids)} train runs ({', '.join(fit.names)}), rule **{fit.strategy}**, TTA {tta}; best member "
+        f"{len(fit.run_ids)} train runs ({', '.join(fit.names)}), rule **{fit.strategy}**, TTA {tta}, "
+        f"{'one network per member (fitted on every image)' if networks == 'full' else 'every fold network'}; best member "
         f"{fit.best_member_score:.4f}, equal weights {fit.equal_weight_score:.4f}. Made by ensemble run `{run_id}`."))
     if not client.get_registered_model(reg.name).description:
         client.update_registered_model(reg.name, description=MODEL_NOTE.format(name=reg.name))

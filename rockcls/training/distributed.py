@@ -199,18 +199,19 @@ def gather_eval(d: Dist, ev: dict) -> dict:
     refer to the unsharded rows again and come in their order; the loss is over all of them."""
     if not d.active:
         return ev
-    mine = (ev["logits"], ev["labels"], ev["positions"] * d.world + d.rank)
+    mine = (ev["logits"], ev["labels"], ev["positions"] * d.world + d.rank, ev.get("view_logits", {}))
     parts: list[Any] = [None] * d.world
     with _collective("all_gather_object"):
         tdist.all_gather_object(parts, mine)
-    logits = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
     positions = np.concatenate([p[2] for p in parts])
     order = np.argsort(positions, kind="stable")
-    logits, labels, positions = logits[order], labels[order], positions[order]
+    logits = np.concatenate([p[0] for p in parts])[order]
+    labels = np.concatenate([p[1] for p in parts])[order]
+    views = {name: np.concatenate([p[3][name] for p in parts])[order] for name in parts[0][3]}
     loss = (torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
             if len(labels) else float("nan"))
-    return {"val_loss": loss, "logits": logits, "labels": labels, "positions": positions}
+    return {"val_loss": loss, "logits": logits, "labels": labels, "positions": positions[order],
+            "view_logits": views}
 
 
 def wrap(model: torch.nn.Module, d: Dist, device: torch.device, *, sync_bn: bool) -> torch.nn.Module:

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 
 from rockcls.core.progress import track
 from rockcls.training import distributed
+from rockcls.training.distill import distillation_losses
 from rockcls.training.distributed import SINGLE, Dist
 from rockcls.training.sampling import HardNegativeMemory
-from rockcls.training.transforms import DeviceAugment, dihedral, normalize
+from rockcls.training.transforms import TTA_VIEWS, DeviceAugment, dihedral, normalize
 
 
 @dataclass
@@ -31,6 +32,8 @@ class StepSettings:
     grad_clip: float = 0.0
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    temperature: float = 1.0  # distillation (with a teacher): softening of both distributions
+    distill_weight: float = 0.0  # share of the loss from the teacher
 
 
 def autocast(s: StepSettings):
@@ -56,8 +59,11 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
                     s: StepSettings, *, lr_at: Callable[[int], float], start_step: int,
                     augment: DeviceAugment | None = None, memory: HardNegativeMemory | None = None,
                     ema=None, scaler: torch.amp.GradScaler | None = None, desc: str = "train",
-                    dist: Dist = SINGLE) -> dict:
+                    dist: Dist = SINGLE, teacher: torch.Tensor | None = None) -> dict:
     """Train for one pass over ``loader``; update the hard-negative memory after every step.
+
+    With a ``teacher`` (its scores of every dataset position, on the device) each sample's loss
+    mixes the hard label and the teacher's softened probabilities (`distillation_losses`).
 
     Under torchrun (``dist``) ``model`` is DistributedDataParallel and ``loader`` yields this
     rank's shard: gradients are all-reduced once per optimizer step (``no_sync`` in between), the
@@ -77,6 +83,9 @@ def train_one_epoch(model: torch.nn.Module, loader: Iterable, optimizer: torch.o
             with autocast(s):
                 logits = model(prepare_batch(x, s, augment))
                 losses = F.cross_entropy(logits.float(), y, reduction="none", label_smoothing=s.label_smoothing)
+                if teacher is not None:
+                    losses = distillation_losses(logits, losses, teacher[pos.to(teacher.device)],
+                                                 temperature=s.temperature, weight=s.distill_weight)
             loss = losses.mean()
             (scaler.scale(loss) if scaler else loss).div(s.accumulation_steps).backward()
         pending.append((pos.to(s.device), losses.detach(), logits.argmax(1) != y))
@@ -138,29 +147,39 @@ def evaluate(model: torch.nn.Module, loader: Iterable, s: StepSettings, desc: st
     """Logits for every sample of ``loader`` (in loader order) and the mean loss.
 
     With several test-time ``views`` (`rockcls.training.transforms.dihedral`) the logits are the log of the
-    softmax averaged over the views, which is what prediction returns for the same views.
+    softmax averaged over the views, which is what prediction returns for the same views. ``view_logits``
+    holds the same for every named view set inside ``views`` (none, flip, d4), from the same forward
+    passes: what fewer views would have scored.
     """
     model.eval()
+    subsets = {name: vs for name, vs in TTA_VIEWS.items() if set(vs) <= set(views)}
     logits, labels, positions = [], [], []
+    by_set: dict[str, list[torch.Tensor]] = {name: [] for name in subsets}
     total = len(loader) if hasattr(loader, "__len__") else 0
     for x, y, pos in track(loader, total=total, desc=desc):
         xn = prepare_batch(x, s)
-        if views == (0,):
+        probs = {}
+        for v in views:
             with autocast(s):
-                out = model(xn).float()
+                out = model(dihedral(xn, v)).float()
+            probs[v] = out if views == (0,) else torch.softmax(out, dim=1)
+        if views == (0,):
+            logits.append(probs[0].cpu())
         else:
-            probs = torch.zeros((), device=s.device)
-            for v in views:
-                with autocast(s):
-                    probs = probs + torch.softmax(model(dihedral(xn, v)).float(), dim=1)
-            out = torch.log(probs / len(views))
-        logits.append(out.cpu())
+            logits.append(torch.log(sum(probs.values()) / len(views)).cpu())
+            for name, vs in subsets.items():
+                by_set[name].append(torch.log(sum(probs[v] for v in vs) / len(vs)).cpu())
         labels.append(y)
         positions.append(pos)
+    if not labels:  # nothing to evaluate (a network fitted on every image)
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return {"val_loss": math.nan, "logits": empty, "labels": np.zeros(0, dtype=np.int64),
+                "positions": np.zeros(0, dtype=np.int64), "view_logits": {}}
     logits_t, labels_t = torch.cat(logits), torch.cat(labels)
     loss = F.cross_entropy(logits_t, labels_t).item() if len(labels_t) else math.nan
     return {"val_loss": loss, "logits": logits_t.numpy(), "labels": labels_t.numpy(),
-            "positions": torch.cat(positions).numpy().astype(np.int64)}
+            "positions": torch.cat(positions).numpy().astype(np.int64),
+            "view_logits": {name: torch.cat(parts).numpy() for name, parts in by_set.items() if parts}}
 
 
 def cosine_with_warmup(*, base_lr: float, total_steps: int, warmup_steps: int,

@@ -9,10 +9,13 @@ import numpy as np
 
 from rockcls.core import names, tracking
 
+VIEW_PREFIX = "logits_tta_"  # OOF logits of fewer test-time views, in oof_fold.npz and oof_logits.npz
 
-def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
-    """(run id or None, whether that fold finished) of fold ``fold`` of train run ``parent_id``."""
-    for run in tracking.child_runs(parent_id, kind="fold"):
+
+def find_fold_run(parent_id: str, fold: int, kind: str = "fold") -> tuple[str | None, bool]:
+    """(run id or None, whether that fold finished) of fold ``fold`` of train run ``parent_id``
+    (``kind`` full: the network fitted on every image, numbered after the last fold)."""
+    for run in tracking.child_runs(parent_id, kind=kind):
         if run.data.tags.get(names.FOLD) == str(fold):
             return run.info.run_id, run.data.tags.get(names.COMPLETE) == "true"
     return None, False
@@ -21,7 +24,8 @@ def find_fold_run(parent_id: str, fold: int) -> tuple[str | None, bool]:
 def load_fold_result(fold_run: str) -> dict:
     """The out-of-fold rows, logits and score a finished fold run logged."""
     with np.load(tracking.download(fold_run, names.OOF_FOLD)) as z:
-        return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"])}
+        views = {k[len(VIEW_PREFIX):]: z[k] for k in z.files if k.startswith(VIEW_PREFIX)}
+        return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"]), "view_logits": views}
 
 
 def fail_fold_run(parent_id: str, fold: int, reason: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import timm
 import torch
 
+from rockcls.core.config import AUTO_IMG_SIZE, TrainConfig
 from rockcls.core.errors import ConfigError
 from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rockcls.training.weights import (
@@ -31,6 +33,28 @@ def check_backbone(backbone: str) -> None:
         close = timm.list_models(f"*{backbone.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"backbone: unknown timm model {backbone!r}{hint}")
+
+
+def native_img_size(backbone: str) -> int:
+    """The resolution ``backbone``'s weights were trained at (timm's pretrained config), else 224."""
+    cfg = timm.get_pretrained_cfg(backbone)
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    return int(size[-1]) if size else AUTO_IMG_SIZE
+
+
+def resolve_auto(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """``cfg`` with ``img_size`` 0 (auto) replaced by the backbone's native resolution, and one line
+    saying what was chosen automatically (empty when nothing was): logged and put in the run's
+    description, so a run started without either says which resolution and rate it trained at."""
+    chosen = []
+    if cfg.img_size == 0:
+        check_backbone(cfg.backbone)
+        cfg = dataclasses.replace(cfg, img_size=native_img_size(cfg.backbone))
+        chosen.append(f"img_size {cfg.img_size} px ({cfg.backbone}'s native resolution)")
+    if cfg.lr == 0:
+        chosen.append(f"lr {cfg.peak_lr():g} (" + ("fine-tuning pretrained weights" if cfg.uses_pretrained()
+                                                   else "training from random initialisation") + ")")
+    return cfg, "; ".join(chosen)
 
 
 def build_model(backbone: str, num_classes: int, *, pretrained: bool = False, pretrained_path: str = "",

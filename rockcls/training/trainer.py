@@ -46,6 +46,7 @@ from rockcls.training.checkpoint import (
 )
 from rockcls.training import distributed
 from rockcls.training.device import keep_freed_memory, resolve_amp, resolve_device, use_channels_last
+from rockcls.training.distill import TeacherTargets, check_teacher_split, load_teacher
 from rockcls.training.distributed import SINGLE, Dist, from_main
 from rockcls.training.engine import (
     StepSettings,
@@ -53,8 +54,8 @@ from rockcls.training.engine import (
     evaluate,
     train_one_epoch,
 )
-from rockcls.training.fold_runs import find_fold_run, load_fold_result
-from rockcls.training.models import build_model, build_model_with_report, model_spec
+from rockcls.training.fold_runs import VIEW_PREFIX, find_fold_run, load_fold_result
+from rockcls.training.models import build_model, build_model_with_report, model_spec, resolve_auto
 from rockcls.training.parallel import run_folds_in_processes
 from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
 from rockcls.training.transforms import (
@@ -98,6 +99,7 @@ class Plan:
     source: Any = None
     kind: str = "train"
     dist: Dist = SINGLE
+    teacher: TeacherTargets | None = None  # distillation: the teacher's probabilities per fold
 
 
 def load_dataset(cfg: TrainConfig) -> DatasetIndex:
@@ -113,7 +115,9 @@ def load_dataset(cfg: TrainConfig) -> DatasetIndex:
 
 def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, describe: bool = True) -> Plan:
     """The plan of ``cfg`` on this process (rank ``dist.rank`` of a torchrun job). ``describe``
-    builds the model once to report what its weights gave it (rank 0 only)."""
+    builds the model once to report what its weights gave it (rank 0 only). ``img_size`` 0 (auto)
+    is resolved here, so ``plan.cfg`` is what trains."""
+    cfg, auto = resolve_auto(cfg)
     if dist.active and cfg.devices:
         raise ConfigError("devices: folds in parallel processes and torchrun do not mix; leave devices "
                           "empty under torchrun (every rank trains every fold together)")
@@ -126,6 +130,8 @@ def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, describe: bool = True) 
     distributed.barrier(dist)  # rank 0 has validated and cached the data: the others read it warm
     index = index if index is not None else load_dataset(cfg)
     fold_of = make_folds(index.labels, folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    if auto and describe and dist.main:
+        log.info("chosen automatically: %s", auto)
     weights = describe_weights(cfg, len(index.classes)) if describe and dist.main else {}
     eff = cfg.batch_size * cfg.accumulation_steps * dist.world
     n_train = int((fold_of != 0).sum())
@@ -145,6 +151,7 @@ def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, describe: bool = True) 
         "device": str(device),
         "world_size": dist.world,
         "amp_dtype": str(resolve_amp(cfg.amp, device)).replace("torch.", ""),
+        **({"auto_chosen": auto} if auto else {}),
         **weights,
     }
     expected = from_main(dist, lambda: derived["split_fingerprint"])
@@ -152,7 +159,20 @@ def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, describe: bool = True) 
         raise RockclsError(f"rank {dist.rank}: the data under {cfg.data} differs from rank 0's (split "
                            f"fingerprint {derived['split_fingerprint']} != {expected}): every machine needs the same files")
     return Plan(cfg, index, fold_of, device, resolve_amp(cfg.amp, device),
-                list(range(cfg.folds)), derived, dist=dist)
+                list(range(cfg.folds)), derived, dist=dist, teacher=load_plan_teacher(cfg, index, derived))
+
+
+def load_plan_teacher(cfg: TrainConfig, index: DatasetIndex, derived: dict[str, Any]) -> TeacherTargets | None:
+    """The teacher's cached probabilities in this run's row order, checked against its split."""
+    if not cfg.teacher_file:
+        if cfg.teacher:
+            raise ConfigError("teacher: its probabilities are computed by `rockcls distill` (or `rockcls train "
+                              "--teacher`), not here")
+        return None
+    targets = load_teacher(cfg.teacher_file)
+    check_teacher_split(targets, split_fingerprint=derived["split_fingerprint"], classes=index.classes,
+                        folds=cfg.folds, data=cfg.data)
+    return targets.aligned(np.asarray(index.ids))
 
 
 def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
@@ -188,6 +208,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: st
         cfg = from_main(dist, lambda: resumed_config(cfg))
     plan = build_plan(cfg, dist)
     plan.kind = kind
+    cfg = plan.cfg
     run_id = from_main(dist, lambda: open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags))
     with closing_on_main(dist, run_id):
         if cfg.devices:
@@ -195,6 +216,9 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: st
         else:
             plan.source = open_source(plan.index, cfg=cfg)
             fold_results = {k: run_fold(plan, run_id, k, on_epoch_end) for k in plan.folds_to_run}
+        if cfg.full_fit:
+            plan.source = plan.source or open_source(plan.index, cfg=cfg)
+            run_fold(plan, run_id, cfg.folds, None, kind="full")
         return from_main(dist, lambda: finish_train_run(plan, run_id, fold_results))
 
 
@@ -214,6 +238,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     saved["resume"] = cfg.resume
     saved["config"] = ""
     saved["devices"] = cfg.devices  # where the folds run is this command's choice, not the run's
+    saved["teacher_file"] = cfg.teacher_file or saved.get("teacher_file", "")  # this machine's copy
     return build_config(TrainConfig, saved)
 
 
@@ -259,8 +284,10 @@ def describe_train_run(plan: Plan, kind: str, score: float | None = None) -> str
     world = int(plan.derived.get("world_size", 1))
     where = (f" Each fold on {world} ranks (torchrun), global batch {plan.derived['effective_batch_size']}."
              if world > 1 else f" Folds in parallel, one process each on `{cfg.devices}`." if cfg.devices else "")
+    auto = plan.derived.get("auto_chosen")
+    auto = f" Chosen automatically: {auto}." if auto else ""
     what = (f"**{kind.capitalize()} run**: training of `{cfg.backbone}` on `{cfg.data}` ({len(index)} images, "
-            f"{len(index.classes)} classes), {split} x {cfg.epochs} epochs at {cfg.img_size} px.{where}")
+            f"{len(index.classes)} classes), {split} x {cfg.epochs} epochs at {cfg.img_size} px.{where}{auto}")
     result = (f"**cv_macro_f1 {score:.4f}**: macro-F1 of the out-of-fold predictions of every fold."
               if score is not None else "Running: cv_macro_f1 is logged when every fold has finished.")
     repeat = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
@@ -282,6 +309,8 @@ def log_run_setup(plan: Plan, run_id: str) -> None:
         _write_split(plan, Path(tmp) / names.SPLIT_FILE)
         tracking.log_file(run_id, Path(tmp) / names.SPLIT_FILE)
     tracking.log_dict(run_id, {"classes": plan.index.classes}, names.CLASSES_FILE)
+    if plan.teacher is not None:
+        tracking.log_file(run_id, Path(plan.cfg.teacher_file), names.TEACHER_DIR)
     if plan.index.skipped:
         text = "\n".join(f"{p}\t{r}" for p, r in plan.index.skipped)
         tracking.log_text(run_id, f"path\treason\n{text}\n", "skipped_images.tsv")
@@ -304,11 +333,14 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
     labels = index.labels[scored]
     score = macro_f1(labels, preds, len(classes))
     pcf = per_class_f1(labels, preds, classes)
-    tracking.log_metrics(run_id, {"cv_macro_f1": score, **{f"cv_f1.{safe_name(c)}": v for c, v in pcf.items()}})
+    views = view_scores(plan, fold_results)
+    tracking.log_metrics(run_id, {"cv_macro_f1": score, **{f"cv_f1.{safe_name(c)}": v for c, v in pcf.items()},
+                                  **{f"cv_macro_f1.tta_{name}": v for name, (v, _) in views.items()}})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / names.OOF_LOGITS
         np.savez_compressed(path, ids=np.asarray(index.ids), paths=np.asarray(index.paths),
-                            labels=index.labels, logits=logits, fold=plan.fold_of, classes=np.asarray(classes))
+                            labels=index.labels, logits=logits, fold=plan.fold_of, classes=np.asarray(classes),
+                            **{f"{VIEW_PREFIX}{name}": v for name, (_, v) in views.items()})
         tracking.log_file(run_id, path)
     tracking.log_figure(run_id, confusion_figure(labels, preds, classes, f"OOF macro-F1 {score:.4f}"),
                         "confusion_matrix.png")
@@ -318,6 +350,20 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
     log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
     return TrainResult(run_id, score, pcf, classes, index.ids, index.labels, plan.fold_of, logits,
                        {k: r["score"] for k, r in fold_results.items()})
+
+
+def view_scores(plan: Plan, fold_results: dict[int, dict]) -> dict[str, tuple[float, np.ndarray]]:
+    """CV macro-F1 and OOF logits of each named view set inside the run's OOF views (none, flip,
+    d4 from one d4 pass): how much accuracy fewer test-time views give up."""
+    names_ = set.intersection(*(set(r.get("view_logits", {})) for r in fold_results.values())) if fold_results else set()
+    out = {}
+    scored = plan.fold_of >= 0
+    for name in sorted(names_):
+        logits = np.full((len(plan.index), len(plan.index.classes)), np.nan, dtype=np.float32)
+        for res in fold_results.values():
+            logits[res["rows"]] = res["view_logits"][name]
+        out[name] = (macro_f1(plan.index.labels[scored], logits[scored].argmax(1), len(plan.index.classes)), logits)
+    return out
 
 
 def safe_name(name: str) -> str:
@@ -339,24 +385,31 @@ class FoldState:
     stale_epochs: int = 0  # epochs since best_epoch
 
 
-def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None) -> dict:
-    """Train one fold in its own child run, or collect it if a previous attempt finished it."""
+def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None, kind: str = "fold") -> dict:
+    """Train one fold in its own child run, or collect it if a previous attempt finished it.
+
+    ``kind`` full: the network fitted on every image (``fold`` = the number of folds), with the same
+    recipe and epochs; nothing is held out, so it has no validation and no OOF logits."""
     dist = plan.dist
-    fold_run, done = from_main(dist, lambda: find_fold_run(parent_id, fold))
+    fold_run, done = from_main(dist, lambda: find_fold_run(parent_id, fold, kind))
     if done:
-        log.info("fold %d already finished in run %s: skipped", fold, fold_run)
-        return from_main(dist, lambda: load_fold_result(fold_run))
-    fold_run = from_main(dist, lambda: open_fold_run(plan, parent_id, fold, fold_run))
+        log.info("%s already finished in run %s: skipped", fold_label(fold, kind), fold_run)
+        return from_main(dist, lambda: load_fold_result(fold_run)) if kind == "fold" else {}
+    fold_run = from_main(dist, lambda: open_fold_run(plan, parent_id, fold, fold_run, kind))
     with closing_on_main(dist, fold_run):
         return FoldTrainer(plan, parent_id, fold, fold_run).fit(on_epoch_end)
 
 
-def open_fold_run(plan: Plan, parent_id: str, fold: int, fold_run: str | None) -> str:
+def fold_label(fold: int, kind: str = "fold") -> str:
+    return "the network on every image" if kind == "full" else f"fold {fold}"
+
+
+def open_fold_run(plan: Plan, parent_id: str, fold: int, fold_run: str | None, kind: str = "fold") -> str:
     if fold_run is not None:
         tracking.reopen_run(fold_run)
         return fold_run
-    fold_run = tracking.start_run(experiment=plan.cfg.experiment, name=f"fold-{fold}", kind="fold",
-                                  parent_run_id=parent_id, tags={names.FOLD: str(fold)})
+    fold_run = tracking.start_run(experiment=plan.cfg.experiment, name="full" if kind == "full" else f"fold-{fold}",
+                                  kind=kind, parent_run_id=parent_id, tags={names.FOLD: str(fold)})
     log_data_input(fold_run, plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")
     return fold_run
 
@@ -374,6 +427,8 @@ class FoldTrainer:
         self.dir = run_dir(plan.cfg, parent_id) / f"fold_{fold}"
         self.train_rows = np.flatnonzero(plan.fold_of != fold)
         self.val_rows = np.flatnonzero(plan.fold_of == fold)
+        self.full = fold == self.cfg.folds  # the network on every image: nothing to validate
+        self.label = fold_label(fold, "full" if self.full else "fold")
         keep_freed_memory()
         torch.manual_seed(self.cfg.seed * 100 + fold)
         model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
@@ -400,7 +455,11 @@ class FoldTrainer:
         self.settings = StepSettings(device=plan.device, mean=tuple(self.spec["mean"]), std=tuple(self.spec["std"]),
                                      accumulation_steps=self.cfg.accumulation_steps,
                                      label_smoothing=self.cfg.label_smoothing, grad_clip=self.cfg.grad_clip,
-                                     amp_dtype=plan.amp_dtype, channels_last=use_channels_last(plan.device))
+                                     amp_dtype=plan.amp_dtype, channels_last=use_channels_last(plan.device),
+                                     temperature=self.cfg.temperature, distill_weight=self.cfg.distill_weight)
+        self.teacher = None
+        if plan.teacher is not None:  # fold k learns from the fold-k networks only (never saw fold k)
+            self.teacher = torch.from_numpy(plan.teacher.scores(fold)[self.train_rows]).to(plan.device)
         self.train_loader, self.val_loader = self._build_loaders()
         self.state = FoldState()
 
@@ -477,29 +536,32 @@ class FoldTrainer:
         augment = DeviceAugment(build_device_augment(self.cfg.augment), seed=self.cfg.seed * 1000 + epoch + 7919 * rank)
         tr = train_one_epoch(self.net, self.train_loader, self.optimizer, self.settings, lr_at=self.lr_at,
                              start_step=self.state.step, augment=augment, memory=self.memory, ema=self.ema,
-                             scaler=self.scaler, desc=f"fold {self.fold} epoch {epoch}", dist=self.dist)
-        ev = distributed.gather_eval(self.dist, evaluate(self.ema.module if self.ema else self.model,
-                                                         self.val_loader, self.settings, desc=f"fold {self.fold} val"))
+                             scaler=self.scaler, desc=f"{self.label} epoch {epoch}", dist=self.dist,
+                             teacher=self.teacher)
+        ev = None if self.full else distributed.gather_eval(self.dist, evaluate(
+            self.ema.module if self.ema else self.model, self.val_loader, self.settings, desc=f"{self.label} val"))
         metrics = self._epoch_metrics(tr, ev)
-        self._track_best(epoch, metrics["val_macro_f1"])
+        if ev is not None:
+            self._track_best(epoch, metrics["val_macro_f1"])
         self.state.epoch, self.state.step = epoch + 1, tr["steps"]
         if not self.dist.main:
             return metrics
         save_checkpoint(self.checkpoint(metrics), self.dir / "last.pt")
         self._drop_stale_best()
         tracking.log_metrics(self.run_id, metrics, step=epoch)
-        log.info("fold %d epoch %d: train_loss %.4f val_loss %.4f val_macro_f1 %.4f", self.fold, epoch,
-                 metrics["train_loss"], metrics["val_loss"], metrics["val_macro_f1"])
+        shown = f" val_loss {metrics['val_loss']:.4f} val_macro_f1 {metrics['val_macro_f1']:.4f}" if ev else ""
+        log.info("%s epoch %d: train_loss %.4f%s", self.label, epoch, metrics["train_loss"], shown)
         return metrics
 
-    def _epoch_metrics(self, tr: dict, ev: dict) -> dict[str, float]:
+    def _epoch_metrics(self, tr: dict, ev: dict | None) -> dict[str, float]:
+        metrics = {"train_loss": tr["train_loss"], "lr": tr["lr"], "train_images_per_s": tr["train_images_per_s"],
+                   "hn_memory_size": float(len(self.memory)) if self.memory else 0.0}
+        if ev is None:
+            return metrics
         classes = self.plan.index.classes
         preds = ev["logits"].argmax(1)
         pcf = per_class_f1(ev["labels"], preds, classes)
-        return {"train_loss": tr["train_loss"], "val_loss": ev["val_loss"], "lr": tr["lr"],
-                "val_macro_f1": macro_f1(ev["labels"], preds, len(classes)),
-                "train_images_per_s": tr["train_images_per_s"],
-                "hn_memory_size": float(len(self.memory)) if self.memory else 0.0,
+        return {**metrics, "val_loss": ev["val_loss"], "val_macro_f1": macro_f1(ev["labels"], preds, len(classes)),
                 **{f"val_f1.{safe_name(c)}": v for c, v in pcf.items()}}
 
     def _track_best(self, epoch: int, f1: float) -> None:
@@ -528,6 +590,8 @@ class FoldTrainer:
         Everything here is derived from last.pt (and the best checkpoint it names), so a kill at any
         point of this method is repaired by running it again on resume.
         """
+        if self.full:
+            return self._finish_full()
         kept = self.ema.module if self.ema else self.model
         kept_epoch = self.state.epoch - 1
         if self.cfg.select == "best":
@@ -538,13 +602,16 @@ class FoldTrainer:
                                                          views=tta_views(self.cfg.tta)))
         score = macro_f1(ev["labels"], ev["logits"].argmax(1), len(self.plan.index.classes))
         rows = self.val_rows[ev["positions"]]
+        views = ev.get("view_logits", {})
+        result = {"rows": rows, "logits": ev["logits"], "score": score, "view_logits": views}
         if not self.dist.main:
-            return {"rows": rows, "logits": ev["logits"], "score": score}
+            return result
         save_checkpoint({"model": kept.state_dict(), "spec": {**self.spec, "tta": self.cfg.tta},
                          "classes": self.spec["classes"], "epoch": kept_epoch, "oof_macro_f1": score, "fold": self.fold},
                         self.dir / "model.pt")
         oof = self.dir / names.OOF_FOLD
-        write_npz_atomic(oof, rows=rows, logits=ev["logits"], score=np.float64(score))
+        write_npz_atomic(oof, rows=rows, logits=ev["logits"], score=np.float64(score),
+                         **{f"{VIEW_PREFIX}{name}": v for name, v in views.items()})
         tracking.log_file(self.run_id, self.dir / "model.pt", "checkpoints")
         tracking.log_file(self.run_id, oof)
         tracking.log_metrics(self.run_id, {"oof_macro_f1": score, "best_val_macro_f1": self.state.best_f1,
@@ -556,9 +623,27 @@ class FoldTrainer:
             f"on {len(self.val_rows)}. Kept epoch {kept_epoch} (select={self.cfg.select}): **OOF macro-F1 "
             f"{score:.4f}** (tta {self.cfg.tta}); per-epoch curves in Model metrics."))
         log.info("fold %d: kept epoch %d, OOF macro-F1 %.4f (tta %s)", self.fold, kept_epoch, score, self.cfg.tta)
-        result = {"rows": rows, "logits": ev["logits"], "score": score}
         shutil.rmtree(self.dir, ignore_errors=True)
         return result
+
+    def _finish_full(self) -> dict:
+        """The network on every image keeps its last epoch (nothing was held out to pick another)."""
+        if not self.dist.main:
+            return {}
+        kept = self.ema.module if self.ema else self.model
+        save_checkpoint({"model": kept.state_dict(), "spec": {**self.spec, "tta": self.cfg.tta},
+                         "classes": self.spec["classes"], "epoch": self.state.epoch - 1, "fold": self.fold},
+                        self.dir / "model.pt")
+        tracking.log_file(self.run_id, self.dir / "model.pt", "checkpoints")
+        tracking.set_tags(self.run_id, {names.COMPLETE: "true"})
+        tracking.set_description(self.run_id, (
+            f"The network of train run `{self.parent_id}` fitted on all {len(self.train_rows)} images with the "
+            f"recipe and {self.cfg.epochs} epochs of its folds. Nothing was held out: its expected accuracy is "
+            f"the parent's cv_macro_f1. `ensemble` and the registry serve it instead of the "
+            f"{self.cfg.folds} fold networks (one forward pass per view instead of {self.cfg.folds})."))
+        log.info("the network on every image: trained %d epochs on %d images", self.state.epoch, len(self.train_rows))
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return {}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
