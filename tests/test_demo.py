@@ -20,8 +20,11 @@ def test_demo_runs_the_whole_workflow(mlflow_store, tmp_path):
     assert client.search_runs(["0"]) == [] and client.search_logged_models(["0"]) == []
     demo = client.get_experiment_by_name("rockcls-demo").experiment_id
     kinds = {r.data.tags["rockcls.kind"] for r in client.search_runs([demo], max_results=500)}
-    assert kinds == {"train", "fold", "predict", "ensemble", "study", "trial"}
-    assert len(client.search_logged_models([demo])) == 2  # the demo's ensemble and the study's
+    assert kinds == {"train", "fold", "full", "predict", "ensemble", "study", "trial"}
+    assert len(client.search_logged_models([demo])) == 3  # the demo's ensemble, its student and the study's
+    assert "distilled student" in out
+    student = client.get_model_version_by_alias("rockcls-demo-student", "champion")
+    assert student.tags["rockcls.networks"] == "full"
     submission = pd.read_csv(tmp_path / "demo_data" / "submission.csv")
     assert len(submission) == 30 and submission["label"].notna().all()
     assert "img_path: not accepted" not in out and "img_path: refused" not in out  # the demo's own img_path rows

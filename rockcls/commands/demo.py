@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from rockcls.commands import ensemble, predict
+from rockcls.commands import train as train_command
 from rockcls.core import tracking
 from rockcls.core.config import TrainConfig, build_config
 from rockcls.data.synthetic import TEXTURES, make_dataset
@@ -81,6 +83,16 @@ def load_registered(name: str, test_csv: Path) -> pd.DataFrame:
     return model.predict(pd.DataFrame({"img_path": pd.read_csv(test_csv)["img_path"].head(3)}))
 
 
+def distill(train: Path, teacher: str, args: argparse.Namespace) -> tuple[str, float]:
+    """A test_efficientnet student of the demo ensemble (by its registered name), ending with one
+    network on every image, registered alone: (its run id, its CV macro-F1)."""
+    cfg = dataclasses.replace(demo_config(train, "test_efficientnet", args), teacher=f"models:/{teacher}@champion",
+                              full_fit=True, seed=7)
+    result = train_command.train(cfg)
+    ensemble.main(["--runs", result.run_id, "--experiment", args.experiment, "--register", f"{teacher}-student"])
+    return result.run_id, result.cv_macro_f1
+
+
 def search(train: Path, experiment: str, name: str, trials: int) -> str:
     """A small Optuna study (search/tune.py's machinery) whose best trials are ensembled."""
     base, fixed = build_search_config({
@@ -101,12 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     accuracy = predict_and_score(results[0].run_id, test_csv, out / "submission.csv", args.experiment)
     ensemble_and_register([r.run_id for r in results], args.experiment, args.register)
     print(load_registered(args.register, test_csv).to_string())
+    student, student_cv = distill(train, args.register, args)
     study = search(train, args.experiment, f"{args.register}-search", args.trials) if args.trials else ""
     print("\nrockcls demo summary")
     for r in results:
         print(f"  train run {r.run_id}: cv_macro_f1 {r.cv_macro_f1:.4f}")
     print(f"  submission {out / 'submission.csv'}: accuracy on the synthetic test set {accuracy:.3f} (d4 TTA)")
     print(f"  registered model: models:/{args.register}@champion")
+    print(f"  distilled student {student}: cv_macro_f1 {student_cv:.4f}, one network on every image registered "
+          f"as models:/{args.register}-student@champion")
     if study:
         print("  " + study.replace("\n", "\n  "))
     print(f"\nbrowse the runs: {tracking.browse_hint()}   (experiment {args.experiment!r})")

@@ -86,6 +86,9 @@ class TrainConfig:
                                      "by it before they are compared", gt=0.0)
     distill_weight: float = option(0.5, "share of the loss from the teacher's softened probabilities (the rest "
                                         "from the hard labels)", min=0.0, max=1.0)
+    teacher_tta: str = option("auto", "test-time views the teacher predicts the training images with: auto = the "
+                                      "teacher's own, or none / flip / d4 (d4 costs 8 forward passes per image and "
+                                      "network, none 1)", choices=("auto", *TTA_MODES))
     teacher_file: str = option("", "the teacher's cached probabilities (written by distill: not a user setting)")
     full_fit: bool = option(False, "after the folds, train one network on all images with the same recipe and "
                                    "epochs (its expected accuracy is the CV score just measured); ensemble "

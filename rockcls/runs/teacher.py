@@ -166,6 +166,8 @@ def prepare_teacher(cfg: TrainConfig, *, batch_size: int = 64) -> TrainConfig:
     if not cfg.teacher:
         raise ConfigError(f"teacher: distill needs a teacher: {TEACHER_FORMS}")
     spec = resolve_teacher(cfg.teacher)
+    if cfg.teacher_tta != "auto":
+        spec = dataclasses.replace(spec, tta=cfg.teacher_tta)
     check_split_settings(spec, cfg)
     path = teacher_path(cfg, spec)
     if path.is_file():
