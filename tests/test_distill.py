@@ -142,6 +142,8 @@ def test_distilled_student_with_a_full_network_registers_alone_and_serves(in_sto
     student = tracking.search_runs("", f"tags.`{names.TEACHER}` = 'models:/teach@champion'")[0]
     sid = student.info.run_id
     assert (student.data.params["temperature"], student.data.params["distill_weight"]) == ("3.0", "0.7")
+    note = student.data.tags[names.NOTE]
+    assert "Distilled from `models:/teach@champion` (temperature 3, weight 0.7)" in note and "child run `full`" in note
     assert {f"cv_macro_f1.tta_{v}" for v in ("none", "flip", "d4")} <= set(student.data.metrics)
     full = tracking.child_runs(sid, kind="full")
     assert len(full) == 1 and full[0].data.tags[names.COMPLETE] == "true"

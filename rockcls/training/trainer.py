@@ -285,7 +285,12 @@ def describe_train_run(plan: Plan, kind: str, score: float | None = None) -> str
     where = (f" Each fold on {world} ranks (torchrun), global batch {plan.derived['effective_batch_size']}."
              if world > 1 else f" Folds in parallel, one process each on `{cfg.devices}`." if cfg.devices else "")
     auto = plan.derived.get("auto_chosen")
-    auto = f" Chosen automatically: {auto}." if auto else ""
+    auto = f"\n\nChosen automatically: {auto}." if auto else ""  # a paragraph of its own: the page shows it
+    if cfg.teacher:
+        auto += (f"\n\nDistilled from `{cfg.teacher}` (temperature {cfg.temperature:g}, weight "
+                 f"{cfg.distill_weight:g}): fold k learned from the teacher's fold-k networks only.")
+    if cfg.full_fit:
+        auto += "\n\nEnds with one network fitted on every image (child run `full`), the one the registry serves."
     what = (f"**{kind.capitalize()} run**: training of `{cfg.backbone}` on `{cfg.data}` ({len(index)} images, "
             f"{len(index.classes)} classes), {split} x {cfg.epochs} epochs at {cfg.img_size} px.{where}{auto}")
     result = (f"**cv_macro_f1 {score:.4f}**: macro-F1 of the out-of-fold predictions of every fold."
