@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone, _, weights = args.student.partition(":")
         flags = ["--teacher", ensemble_run, "--backbone", backbone, "--epochs", str(args.student_epochs),
                  "--img-size", str(args.student_size), "--temperature", str(args.temperature),
-                 "--distill-weight", str(args.distill_weight), "--full-fit", *(["--pretrained-path", weights] if weights else [])]
+                 "--distill-weight", str(args.distill_weight), "--full-fit",
+                 *(["--pretrained-path", weights] if weights else ["--no-pretrained"])]
         student, student_score, seconds = train(flags, args, command="distill")
     rows.append((f"student {tracking.get_run(student).data.params['backbone']} (distilled)", student_score, seconds))
     lines.append(f"student_cv_macro_f1 {student_score:.4f}")
