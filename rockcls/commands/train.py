@@ -28,7 +28,7 @@ def train(cfg: TrainConfig) -> TrainResult | None:
     """Run ``cfg`` (distilled when it names a teacher); the result on rank 0, None on the others."""
     with distributed.session(cfg.device) as dist:
         tags = None
-        if cfg.teacher or (cfg.resume and cfg.teacher_file == "" and _resumes_a_student(cfg)):
+        if cfg.teacher or (cfg.resume and _resumes_a_student(cfg)):
             cfg = distributed.from_main(dist, lambda: prepare_teacher(cfg))
             tags = {names.TEACHER: cfg.teacher}
         result = run_training(cfg, dist=dist, tags=tags)

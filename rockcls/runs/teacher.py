@@ -65,7 +65,8 @@ def resolve_teacher(ref: str) -> TeacherSpec:
     ref = ref.strip()
     if ref.startswith("models:/"):
         run_id, tta = _registered(ref)
-        return dataclasses.replace(_from_run(run_id, ref), tta=tta or _from_run(run_id, ref).tta)
+        spec = _from_run(run_id, ref)  # reads the ensemble run's manifest once
+        return dataclasses.replace(spec, tta=tta or spec.tta)
     run_id = ref[len("runs:/"):].strip("/").split("/")[0] if ref.startswith("runs:/") else ref
     if not RUN_ID.fullmatch(run_id):
         raise ConfigError(f"teacher: expected {TEACHER_FORMS}; got {ref!r}")
