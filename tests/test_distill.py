@@ -122,6 +122,21 @@ def test_fold_k_of_the_student_learns_from_the_fold_k_networks_only(in_store, ca
     assert any("cached probabilities" in r.getMessage() for r in caplog.records)
 
 
+def test_an_interrupted_student_resumes_with_its_own_folds_and_teacher(in_store, caplog) -> None:
+    """`distill --resume ID` alone: folds, split seed, data and teacher come from the run's config
+    (the parser's defaults, 5 folds, would be refused by the teacher check)."""
+    member = in_store["members"][1]
+    assert distill_cmd.main(["--teacher", member, "--data", in_store["data"], *TINY, "--teacher-tta", "flip"]) == 0
+    sid = tracking.search_runs("", f"tags.`{names.TEACHER}` = '{member}'")[0].info.run_id
+    MlflowClient().set_terminated(sid, "FAILED")  # what a killed process leaves, as far as resume is concerned
+    caplog.set_level("INFO", logger="rockcls")
+    assert distill_cmd.main(["--resume", sid]) == 0
+    run = tracking.get_run(sid)
+    assert run.info.status == "FINISHED" and run.data.params["folds"] == "2"
+    assert any("cached probabilities" in r.getMessage() for r in caplog.records)  # the flip teacher, not a d4 one
+    assert len(tracking.child_runs(sid, kind="fold")) == 2
+
+
 def test_a_teacher_on_another_split_is_refused_in_one_line(in_store) -> None:
     with pytest.raises(ConfigError, match="was trained with folds 2, split_seed 42; this run has folds 2, split_seed 7"):
         distill_cmd.main(["--teacher", in_store["ensemble"], "--data", in_store["data"], *TINY, "--split-seed", "7"])

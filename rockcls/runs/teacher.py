@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -35,6 +34,7 @@ from rockcls.inference.predictor import load_models, predict_logits
 from rockcls.runs.ensemble import check_same_split, load_member
 from rockcls.runs.lookup import RUN_ID, TRAIN_KINDS, download_run_checkpoints
 from rockcls.training.distill import TeacherTargets, load_teacher, save_teacher
+from rockcls.training.trainer import resumed_config
 from rockcls.training.transforms import tta_views
 
 log = logging.getLogger("rockcls")
@@ -160,10 +160,8 @@ def prepare_teacher(cfg: TrainConfig, *, batch_size: int = 64) -> TrainConfig:
     """``cfg`` with ``teacher_file`` set: the cached probabilities of ``cfg.teacher``, computed
     now if no earlier run of this teacher left them (a resumed run reads its teacher and data from
     its own config)."""
-    if cfg.resume:
-        saved = yaml.safe_load(tracking.download(cfg.resume, names.CONFIG_FILE).read_text()) or {}
-        cfg = dataclasses.replace(cfg, teacher=cfg.teacher or str(saved.get("teacher") or ""),
-                                  data=cfg.data or str(saved.get("data") or ""))
+    if cfg.resume:  # the interrupted run's own config: its teacher, data, folds and teacher views
+        cfg = resumed_config(cfg)
     if not cfg.teacher:
         raise ConfigError(f"teacher: distill needs a teacher: {TEACHER_FORMS}")
     spec = resolve_teacher(cfg.teacher)
