@@ -22,7 +22,7 @@ from rockcls.core.errors import ConfigError, DataError, RockclsError
 from rockcls.core.progress import track
 from rockcls.data.images import MIN_SIDE
 from rockcls.data.sources import FileSource
-from rockcls.training.checkpoint import load_checkpoint
+from rockcls.training.checkpoint import load_checkpoint, load_weights
 from rockcls.training.device import resolve_amp, resolve_device, use_channels_last
 from rockcls.training.engine import StepSettings, autocast, prepare_batch
 from rockcls.training.models import build_model_from_spec
@@ -181,16 +181,64 @@ class Predictor:
 
 def load_models(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> list[ModelSpec]:
     """Rebuild each checkpoint's model from the spec stored in it (no training config needed)."""
-    models = []
-    for path in paths:
-        ck = load_checkpoint(path)
-        if "model" not in ck or "spec" not in ck:
-            raise RockclsError(f"checkpoint {path} lacks model weights or spec (not a rockcls model.pt)")
-        model = build_model_from_spec(ck["spec"])
-        model.load_state_dict(ck["model"])
-        models.append((model.to(device).eval(), ck["spec"]))
+    models = [load_model(path, device) for path in paths]
     classes = {tuple(spec["classes"]) for _, spec in models}
     if len(classes) > 1:
         raise RockclsError(f"checkpoints disagree on the class names: {sorted(classes)}")
     return models
 
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelSpec:
+    """One checkpoint's model. Its weights are matched against the model its spec describes, built
+    on the meta device (no memory), before the real one is built: a forged spec or head is refused
+    in one line instead of allocating what it claims."""
+    ck = load_checkpoint(path)
+    spec = _checked_spec(ck, path)
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(t.shape) for k, t in build_model_from_spec(spec).state_dict().items()}
+    except RockclsError as exc:
+        raise RockclsError(f"checkpoint {path}: {exc}") from None
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise RockclsError(f"checkpoint {path}: cannot build its {spec['backbone']!r} model "
+                           f"({str(exc).splitlines()[0][:160]})") from None
+    found = {k: tuple(t.shape) for k, t in ck["model"].items()}
+    wrong = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
+    if wrong:
+        k = wrong[0]
+        raise RockclsError(f"checkpoint {path}: its weights do not match its spec ({spec['backbone']}, "
+                           f"{spec['num_classes']} classes): {k} is {_shape(found.get(k))} in the file, "
+                           f"{_shape(expected.get(k))} in the model ({len(wrong)} such tensor(s))")
+    model = build_model_from_spec(spec)
+    load_weights(model, ck["model"], path)
+    return model.to(device).eval(), spec
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "missing" if shape is None else "x".join(map(str, shape)) or "a scalar"
+
+
+def _checked_spec(ck: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    spec, weights = ck.get("spec"), ck.get("model")
+    if not isinstance(spec, dict) or not isinstance(weights, dict):
+        raise RockclsError(f"checkpoint {path} lacks model weights or spec (not a rockcls model.pt)")
+    classes, n = spec.get("classes"), spec.get("num_classes")
+    problem = next((what for what, bad in (
+        ("backbone", not isinstance(spec.get("backbone"), str)),
+        ("classes", not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)),
+        ("num_classes", not isinstance(n, int) or not isinstance(classes, list) or n != len(classes) or n < 1),
+        ("img_size", not isinstance(spec.get("img_size"), int) or spec["img_size"] < 1),
+        ("augment", not isinstance(spec.get("augment"), str)),
+        ("mean", not _numbers(spec.get("mean"))),
+        ("std", not _numbers(spec.get("std"))),
+    ) if bad), "")
+    if problem:
+        shown = repr(spec.get(problem))
+        raise RockclsError(f"checkpoint {path}: its spec has an invalid {problem} "
+                           f"({shown[:80] + '...' if len(shown) > 80 else shown}"
+                           f"{f' for {len(classes)} class names' if problem == 'num_classes' and isinstance(classes, list) else ''})")
+    return spec
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)

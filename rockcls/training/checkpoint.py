@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -47,9 +49,63 @@ def _write_error(path: Path, exc: OSError) -> RockclsError:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``; anything else there (a pickle that would run code, a torn or
+    foreign file, tensors larger than their data) is one line naming the file."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise RockclsError(f"checkpoint not found: {path}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise RockclsError(f"checkpoint {path} cannot be read: {str(exc).splitlines()[0][:200]}") from None
+    except pickle.UnpicklingError as exc:
+        raise RockclsError(f"checkpoint {path} refused: it holds {_refused_object(exc)}, which a checkpoint "
+                           f"never does (damaged or tampered with; loading it would run code)") from None
+    except Exception as exc:  # torch raises many types for a torn or foreign file
+        raise RockclsError(f"checkpoint {path} cannot be read: {_first_line(exc)}") from None
+    if not isinstance(ck, dict):
+        raise RockclsError(f"checkpoint {path} holds a {type(ck).__name__}, not a checkpoint dict")
+    for name, tensor in _tensors(ck):
+        if tensor.untyped_storage().nbytes() < _claimed_bytes(tensor):
+            raise RockclsError(f"checkpoint {path} is damaged: tensor {name} claims shape "
+                               f"{tuple(tensor.shape)} but holds {tensor.untyped_storage().nbytes()} bytes")
+    return ck
+
+
+def load_weights(module: torch.nn.Module, state: Any, path: str | os.PathLike, what: str = "model") -> None:
+    """``module.load_state_dict(state)``, or one line naming the file whose weights do not fit."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as exc:
+        raise RockclsError(f"checkpoint {path}: its {what} state does not fit ({_first_line(exc)})") from None
+
+
+def _refused_object(exc: pickle.UnpicklingError) -> str:
+    # torch's message is 30 lines that end up suggesting weights_only=False: keep only what it refused.
+    found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
+    return found.group(1) if found else "an object that is not a tensor or plain value"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:", then the first error
+        lines = lines[1:]
+    return lines[0][:240] if lines else type(exc).__name__
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for k, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}[{k}]")
+
+
+def _claimed_bytes(tensor: torch.Tensor) -> int:
+    """Bytes the tensor's values would take. Weights and optimizer state are stored whole, so a tensor
+    that claims more than its data (a zero stride makes a huge shape cost nothing) is forged, and
+    would make the model it describes allocate that much."""
+    if tensor.numel() == 0:
+        return 0
+    reach = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) + 1
+    return max(tensor.numel(), tensor.storage_offset() + reach) * tensor.element_size()

@@ -42,6 +42,7 @@ from rockcls.data.sources import ImageDataset, open_source, validate_images
 from rockcls.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
+    load_weights,
     write_npz_atomic,
 )
 from rockcls.training import distributed
@@ -502,15 +503,17 @@ class FoldTrainer:
         ck = from_main(self.dist, lambda: load_checkpoint(last, map_location="cpu") if last.is_file() else None)
         if ck is None:
             return
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        if self.ema is not None and ck["ema"] is not None:
-            self.ema.load_state_dict(ck["ema"])
-        if self.scaler is not None and ck["scaler"] is not None:
-            self.scaler.load_state_dict(ck["scaler"])
-        if self.memory is not None and ck["memory"] is not None:
-            self.memory.load_state_dict(ck["memory"])
-        self.state = FoldState(**ck["state"])
+        try:
+            load_weights(self.model, ck["model"], last)
+            load_weights(self.optimizer, ck["optimizer"], last, "optimizer")
+            for what, part in (("ema", self.ema), ("scaler", self.scaler), ("memory", self.memory)):
+                if part is not None and ck[what] is not None:
+                    load_weights(part, ck[what], last, what)
+            self.state = FoldState(**ck["state"])
+        except (KeyError, TypeError) as exc:
+            what = f"no {exc} entry" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:160]
+            raise RockclsError(f"checkpoint {last} cannot be resumed from ({what}); move it aside to "
+                               f"train fold {self.fold} again from its first epoch") from None
         if self.dist.main and self.state.epoch - 1 not in tracking.metric_steps(self.run_id, "val_macro_f1"):
             tracking.log_metrics(self.run_id, ck["metrics"], step=self.state.epoch - 1)
         log.info("fold %d: resumed after epoch %d (best macro-F1 %.4f)", self.fold, self.state.epoch - 1,
@@ -601,7 +604,7 @@ class FoldTrainer:
         kept_epoch = self.state.epoch - 1
         if self.cfg.select == "best":
             best = self._best_path(self.state.best_epoch)
-            kept.load_state_dict(from_main(self.dist, lambda: load_checkpoint(best, "cpu"))["model"])
+            load_weights(kept, from_main(self.dist, lambda: load_checkpoint(best, "cpu")).get("model"), best)
             kept_epoch = self.state.best_epoch
         ev = distributed.gather_eval(self.dist, evaluate(kept, self.val_loader, self.settings, desc=f"fold {self.fold} oof",
                                                          views=tta_views(self.cfg.tta)))
