@@ -182,3 +182,35 @@ def test_browse_hint_names_the_real_store_with_its_password_masked(mlflow_store)
     assert tracking.browse_hint() == "open http://ann:***@tracking.example:5000"
     mlflow.set_tracking_uri("postgresql+psycopg2://ann:s3cret@db:5432/mlflow")
     assert tracking.browse_hint() == "mlflow ui --backend-store-uri postgresql+psycopg2://ann:***@db:5432/mlflow"
+
+
+# ---------------------------------------------------------------------------- downloads
+
+DOWNLOADS = """
+import sys
+from rockcls.core import tracking
+run = tracking.start_run(experiment="", name="dl", kind="train")
+tracking.log_text(run, "x", "a/config.yaml")
+paths = [tracking.download(run, "a/config.yaml") for _ in range(3)]
+assert len(set(paths)) == 3 and all(p.read_text() == "x" for p in paths)
+print(paths[0].parents[1])
+"""
+
+
+def test_downloads_leave_no_folder_after_the_process_and_a_killed_process_folder_goes_next_time(
+        mlflow_store, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    orphan = tmp / f"{tracking.DOWNLOADS_PREFIX}{dead}-abc"  # a process killed with -9 left it
+    (orphan / "x").mkdir(parents=True)
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.run([sys.executable, "-c", DOWNLOADS], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(str(tmp / tracking.DOWNLOADS_PREFIX))
+    assert list(tmp.iterdir()) == []

@@ -13,10 +13,12 @@ workflow land in one experiment and find each other however they are started.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -295,11 +297,51 @@ def log_figure(run_id: str, fig, artifact_file: str) -> None:
 
 
 def download(run_id: str, artifact_path: str, dst: str | None = None) -> Path:
-    dst = dst or tempfile.mkdtemp(prefix="rockcls-")
+    """The artifact, under ``dst`` (the caller's folder) or else under this process's download
+    folder, which is removed when the process exits."""
+    dst = dst or tempfile.mkdtemp(dir=_download_root())
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst))
     except (MlflowException, OSError) as exc:
         raise RockclsError(f"run {run_id}: artifact {artifact_path!r} unavailable ({str(exc).splitlines()[0][:160]})") from None
+
+
+DOWNLOADS_PREFIX = "rockcls-downloads-"
+_download_roots: dict[int, Path] = {}
+
+
+def _download_root() -> Path:
+    """One folder per process (a forked child makes its own), removed at exit; the folders of
+    processes that died without exiting (killed) are removed by the next process that downloads."""
+    pid = os.getpid()
+    if pid not in _download_roots:
+        _remove_orphaned_downloads()
+        _download_roots[pid] = Path(tempfile.mkdtemp(prefix=f"{DOWNLOADS_PREFIX}{pid}-"))
+        atexit.register(_remove_download_root, pid)
+    return _download_roots[pid]
+
+
+def _remove_download_root(pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the handler
+        shutil.rmtree(_download_roots.pop(pid), ignore_errors=True)
+
+
+def _remove_orphaned_downloads() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOADS_PREFIX}*-*"):
+        pid = folder.name[len(DOWNLOADS_PREFIX):].split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and folder.stat().st_uid == os.getuid() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
