@@ -123,7 +123,7 @@ def b64(data: bytes) -> str:
 def build_requests(images: list[Path], root: Path, outside: Path, fifo: Path, n: int, rows: int) -> list[dict]:
     """``n`` request specs: the payload and, per row, what a correct answer looks like."""
     from rockcls.data.synthetic import EPS_BYTES, png_header_only
-    from rockcls.runs.registry import PATH_REFUSED
+    from rockcls.inference.serving import PATH_REFUSED
 
     good = [p.read_bytes() for p in images]
     bad = [("40000x40000 PNG header (b64)", [None, b64(png_header_only(40000, 40000))], "too large"),

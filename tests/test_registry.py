@@ -21,6 +21,7 @@ from rockcls.commands import predict
 from rockcls.core import errors as registry_errors
 from rockcls.core import names
 from rockcls.data.synthetic import EPS_BYTES, png_header_only
+from rockcls.inference import serving
 from rockcls.runs import ensemble, registry
 from rockcls.runs import lookup as predict_lookup
 from rockcls.training.trainer import run_training
@@ -52,7 +53,7 @@ def images(synthetic_dir) -> list[str]:
 @pytest.fixture(autouse=True)
 def image_root(synthetic_dir, monkeypatch) -> Path:
     """A loaded model reads img_path only under a configured root: here, the synthetic images."""
-    monkeypatch.setenv(registry.IMAGE_ROOT_ENV, str(synthetic_dir))
+    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, str(synthetic_dir))
     return synthetic_dir
 
 
@@ -105,7 +106,7 @@ def test_bad_rows_get_an_error_and_no_label(registered, images, tmp_path) -> Non
     assert out["label"].iloc[0] != "" and out["error"].iloc[0] == ""
     assert list(out["label"].iloc[1:]) == ["", "", "", ""]
     assert out["error"].iloc[1] == "not a decodable image (not PNG, JPEG, BMP, TIFF, WEBP, GIF)"
-    assert out["error"].iloc[2] == registry.PATH_REFUSED
+    assert out["error"].iloc[2] == serving.PATH_REFUSED
     assert out["error"].iloc[3] == "image_b64: not valid base64"
     assert out["error"].iloc[4].startswith("no image given")
     assert out.iloc[1:, 1:-1].isna().all().all()
@@ -116,12 +117,12 @@ def b64(data: bytes) -> str:
 
 
 def test_img_path_is_refused_unless_an_image_root_is_configured(registered, images, monkeypatch) -> None:
-    monkeypatch.delenv(registry.IMAGE_ROOT_ENV)
+    monkeypatch.delenv(serving.IMAGE_ROOT_ENV)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     out = model.predict(pd.DataFrame({"img_path": [images[0], None], "image_b64": [None, b64(Path(images[0]).read_bytes())]}))
-    assert list(out["error"]) == [registry.PATH_DISABLED, ""]
+    assert list(out["error"]) == [serving.PATH_DISABLED, ""]
     assert out["label"].iloc[0] == "" and out["label"].iloc[1] != ""
-    monkeypatch.setenv(registry.IMAGE_ROOT_ENV, "/no/such/folder")
+    monkeypatch.setenv(serving.IMAGE_ROOT_ENV, "/no/such/folder")
     with pytest.raises(Exception, match="ROCKCLS_IMAGE_ROOT: '/no/such/folder' is not a folder"):
         mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
 
@@ -142,7 +143,7 @@ def test_img_path_is_confined_to_the_root_and_every_refusal_reads_the_same(regis
     refused = [str(outside / "secret.png"), "../outside/secret.png", "link.png", "big.png", "fifo.png", "sub",
                "missing.png", "/etc/passwd", "sub/ok.png\0.txt", "/proc/self/mem"]
     out = model.predict(pd.DataFrame({"img_path": good + refused}))
-    assert list(out["error"]) == [""] * len(good) + [registry.PATH_REFUSED] * len(refused)
+    assert list(out["error"]) == [""] * len(good) + [serving.PATH_REFUSED] * len(refused)
     assert out["label"].iloc[:3].nunique() == 1 and out["label"].iloc[0] != ""
     assert out.iloc[3:, 1:-1].isna().all().all()
 

@@ -20,6 +20,7 @@ import pytest
 from rockcls.core import tracking
 from rockcls.core.processes import stop_process_group
 from rockcls.data.synthetic import EPS_BYTES, png_header_only
+from rockcls.inference import serving
 from rockcls.runs import ensemble, registry
 from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
@@ -68,7 +69,7 @@ def server(champion, store, synthetic_dir):
     port = _free_port()
     log = open(store / "serve.log", "w")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           registry.IMAGE_ROOT_ENV: str(synthetic_dir)}  # img_path is refused without a root
+           serving.IMAGE_ROOT_ENV: str(synthetic_dir)}  # img_path is refused without a root
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", champion, "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             cwd=store, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -135,7 +136,7 @@ def test_serve_answers_bad_rows_with_their_reason_and_never_a_traceback(server, 
     out = pd.DataFrame(body["predictions"])
     assert out["error"].iloc[0] == "" and out["label"].iloc[0] != ""
     assert out["error"].iloc[1].startswith("too large") and out["error"].iloc[2].startswith("not a decodable image")
-    assert list(out["error"].iloc[3:]) == [registry.PATH_REFUSED] * 2
+    assert list(out["error"].iloc[3:]) == [serving.PATH_REFUSED] * 2
     status, body = _post(f"{server}/invocations", {"dataframe_split": {"columns": ["image_b64"], "data": [[wrapped]]},
                                                    "params": {"batch_size": -1}})
     assert status == 400 and "batch_size: must be >= 1, got -1" in body["message"]

@@ -9,16 +9,14 @@ and ``mlflow models serve`` need only the registry URI and the pinned pip requir
 from __future__ import annotations
 
 import base64
-import binascii
 import importlib.metadata
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import cv2
 import mlflow
@@ -26,16 +24,16 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from packaging.version import Version
 
 from rockcls.core import names, tracking
-from rockcls.core.errors import DataError, RockclsError
-from rockcls.data.images import read_under_root
-from rockcls.data.sources import BytesSource
+from rockcls.core.errors import RockclsError
 from rockcls.inference.predictor import Predictor, load_models
+from rockcls.inference.serving import (B64_COLUMN, MODEL_CONFIG, PATH_COLUMN, PixelBudget, RequestExpired,
+                                      build_serve_limits, parse_batch_size, predict_request)
 from rockcls.runs.ensemble import EnsembleFit
 from rockcls.runs.lookup import download_full_checkpoint, download_run_checkpoints
 from rockcls.training.device import resolve_device
@@ -44,7 +42,6 @@ from rockcls.training.transforms import tta_views
 log = logging.getLogger("rockcls")
 
 CHAMPION = "champion"
-PATH_COLUMN, B64_COLUMN = "img_path", "image_b64"
 DEFAULT_BATCH = 32
 # What `import rockcls.registry` pulls in, pinned to the installed versions (mlflow adds itself).
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "numpy",
@@ -66,131 +63,6 @@ MODEL_NOTE = """rockcls image classifier. Each version is a weighted soft-voting
 """
 
 
-# ---------------------------------------------------------------------------- what a client may send
-
-IMAGE_ROOT_ENV = "ROCKCLS_IMAGE_ROOT"
-MAX_IMAGE_BYTES_ENV = "ROCKCLS_MAX_IMAGE_BYTES"
-MAX_REQUEST_BYTES_ENV = "ROCKCLS_MAX_REQUEST_BYTES"
-DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
-DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
-# Keys a loader may set (mlflow.pyfunc.load_model(..., model_config=...)); empty / 0 = the
-# environment variable, else the default. MLflow only accepts keys the model was logged with.
-MODEL_CONFIG = {"image_root": "", "max_image_bytes": 0, "max_request_bytes": 0}
-# One text for every img_path refused under a root: it must not tell a client whether a file
-# exists, is readable, is a FIFO or is too large.
-PATH_REFUSED = f"{PATH_COLUMN}: refused (not a readable image file under the served image root)"
-PATH_DISABLED = (f"{PATH_COLUMN}: not accepted by this server (no image root is configured: "
-                 f"{IMAGE_ROOT_ENV} or model_config image_root); send {B64_COLUMN}")
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What a served model reads: files only under ``image_root`` ("" = no files at all), at most
-    ``max_image_bytes`` per image and ``max_request_bytes`` of images per request."""
-
-    image_root: str = ""
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
-
-
-def build_serve_limits(model_config: Mapping[str, Any] | None, env: Mapping[str, str] = os.environ) -> ServeLimits:
-    """Limits from the load-time model_config, else the environment, else the defaults."""
-    config = dict(model_config or {})
-
-    def setting(key: str, env_name: str) -> tuple[str, str]:
-        given = config.get(key)
-        if given not in (None, "", 0, "0"):
-            return str(given).strip(), f"model_config {key}"
-        return env.get(env_name, "").strip(), env_name
-
-    root, where = setting("image_root", IMAGE_ROOT_ENV)
-    if root:
-        real = os.path.realpath(root)
-        if not os.path.isdir(real):
-            raise RockclsError(f"{where}: {root!r} is not a folder")
-        root = real
-    caps = {}
-    for key, env_name, default in (("max_image_bytes", MAX_IMAGE_BYTES_ENV, DEFAULT_MAX_IMAGE_BYTES),
-                                   ("max_request_bytes", MAX_REQUEST_BYTES_ENV, DEFAULT_MAX_REQUEST_BYTES)):
-        raw, where = setting(key, env_name)
-        try:
-            caps[key] = int(raw) if raw else default
-        except ValueError:
-            caps[key] = 0
-        if caps[key] < 1:
-            raise RockclsError(f"{where}: expected a positive number of bytes, got {raw!r}")
-    return ServeLimits(root, **caps)
-
-
-def read_request_images(frame: pd.DataFrame, limits: ServeLimits) -> tuple[list[bytes], list[str]]:
-    """The encoded image of every row (b"" for a refused one) and every row's reason ("" = fine).
-
-    A bad row never fails the request: it gets its reason and the other rows are predicted.
-    """
-    if PATH_COLUMN not in frame.columns and B64_COLUMN not in frame.columns:
-        raise RockclsError(f"model input needs a column {PATH_COLUMN!r} (image paths on the server) or "
-                           f"{B64_COLUMN!r} (base64 image bytes); got columns {list(frame.columns)}")
-    payloads, errors, used = [], [], 0
-    for i in range(len(frame)):
-        b64, path = _cell(frame, B64_COLUMN, i), _cell(frame, PATH_COLUMN, i)
-        if b64:
-            data, err = _decode_b64(b64, limits.max_image_bytes)
-        elif path:
-            data, err = _read_path(path, limits)
-        else:
-            data, err = b"", f"no image given (empty {PATH_COLUMN} and {B64_COLUMN})"
-        if data and used + len(data) > limits.max_request_bytes:
-            data, err = b"", (f"request over {limits.max_request_bytes} bytes of images "
-                              f"({MAX_REQUEST_BYTES_ENV}): send this row again in another request")
-        used += len(data)
-        payloads.append(data)
-        errors.append(err)
-    return payloads, errors
-
-
-def _cell(frame: pd.DataFrame, column: str, i: int) -> str:
-    if column not in frame.columns:
-        return ""
-    value = frame[column].iat[i]
-    return value.strip() if isinstance(value, str) else ""
-
-
-def _decode_b64(text: str, max_bytes: int) -> tuple[bytes, str]:
-    """Base64 (optionally a ``data:...;base64,`` URL, line breaks allowed) -> (bytes, reason)."""
-    payload = text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
-    # `base64` without -w0 wraps at 76 columns; any whitespace is layout, not data.
-    payload = "".join(payload.split())
-    if len(payload) // 4 * 3 > max_bytes + 2:  # checked before decoding: nothing big is allocated
-        return b"", f"{B64_COLUMN}: image over {max_bytes} bytes ({MAX_IMAGE_BYTES_ENV})"
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        return b"", f"{B64_COLUMN}: not valid base64"
-    if len(data) > max_bytes:
-        return b"", f"{B64_COLUMN}: image over {max_bytes} bytes ({MAX_IMAGE_BYTES_ENV})"
-    return data, ""
-
-
-def _read_path(path: str, limits: ServeLimits) -> tuple[bytes, str]:
-    if not limits.image_root:
-        return b"", PATH_DISABLED
-    try:
-        return read_under_root(path, limits.image_root, limits.max_image_bytes), ""
-    except DataError as exc:
-        log.debug("img_path row refused: %s", exc)  # the reason stays in the server's own log
-        return b"", PATH_REFUSED
-
-
-def parse_batch_size(raw: Any) -> int:
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise RockclsError(f"batch_size: expected an integer, got {raw!r}") from None
-    if value < 1:
-        raise RockclsError(f"batch_size: must be >= 1, got {value}")
-    return value
-
-
 # ---------------------------------------------------------------------------- the pyfunc model
 
 class RockclsModel(mlflow.pyfunc.PythonModel):
@@ -204,11 +76,15 @@ class RockclsModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         manifest = json.loads(Path(context.artifacts["ensemble"]).read_text())
         self.limits = build_serve_limits(getattr(context, "model_config", None))
+        self.budget = PixelBudget(self.limits.decode_pixels)  # one per server process
         self.predictor = build_predictor(manifest, context.artifacts)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         try:
             return self._predict(model_input, params or {})
+        except RequestExpired as exc:
+            log.warning("request stopped: %s", exc)
+            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
         except RockclsError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         except Exception as exc:  # noqa: BLE001 - the client gets one line, the server log the traceback
@@ -221,17 +97,7 @@ class RockclsModel(mlflow.pyfunc.PythonModel):
         tta = str(params.get("tta") or self.predictor.tta)
         tta_views(tta)
         batch_size = parse_batch_size(params.get("batch_size", DEFAULT_BATCH))
-        payloads, input_errors = read_request_images(frame, self.limits)
-        pred = self.predictor.predict_source(BytesSource(payloads), tta=tta, batch_size=batch_size, num_workers=0)
-        errors = [given or found for given, found in zip(input_errors, pred.errors)]
-        labels = [label if not err else "" for label, err in zip(pred.labels, errors)]
-        probs = pred.probs
-        probs[np.asarray([bool(e) for e in errors], dtype=bool)] = np.nan
-        out = pd.DataFrame({"label": labels})
-        for k, name in enumerate(pred.classes):
-            out[f"prob_{name}"] = probs[:, k]
-        out["error"] = errors
-        return out
+        return predict_request(self.predictor, frame, self.limits, self.budget, tta=tta, batch_size=batch_size)
 
 
 def build_predictor(manifest: dict[str, Any], artifacts: dict[str, str], device: str = "auto") -> Predictor:
