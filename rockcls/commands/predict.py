@@ -21,6 +21,7 @@ from rockcls.core.config import (
     option,
 )
 from rockcls.core.errors import ConfigError, DataError
+from rockcls.core.text import shown
 from rockcls.data.index import DatasetIndex, content_fingerprint, index_dataset
 from rockcls.inference.predictor import TTA_CHOICES, Prediction, Predictor
 from rockcls.runs import registry
@@ -71,7 +72,9 @@ def save_prediction(frame: pd.DataFrame, pred: Prediction, ids: Sequence[str], p
                     out: Path, tta: str) -> Path:
     """Write the submission CSV and ``<stem>_logits.npz`` next to it; return the npz path."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    # Ids are UTF-8 text already (`rockcls.data.index` escapes the others); should any text still
+    # not encode, it is escaped rather than losing every finished prediction.
+    frame.to_csv(out, index=False, encoding="utf-8", errors="backslashreplace")
     npz = out.with_name(f"{out.stem}_logits.npz")
     np.savez_compressed(npz, ids=np.asarray(ids), paths=np.asarray(paths), logits=pred.logits,
                         probs=pred.probs.astype(np.float32), classes=np.asarray(pred.classes),
@@ -109,8 +112,9 @@ def warn_errors(pred: Prediction, paths: Sequence[str]) -> None:
     if not bad:
         return
     if len(bad) == len(paths):
-        raise DataError(f"data: none of the {len(paths)} image(s) could be read; first: {bad[0][0]} ({bad[0][1]})")
-    listing = "; ".join(f"{p} ({e})" for p, e in bad[:5])
+        raise DataError(f"data: none of the {len(paths)} image(s) could be read; first: {shown(bad[0][0])} "
+                        f"({bad[0][1]})")
+    listing = "; ".join(f"{shown(p)} ({e})" for p, e in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     log.warning("%d unreadable image(s) have an empty label and an error column: %s%s", len(bad), listing, more)
 

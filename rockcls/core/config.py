@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from rockcls.core.errors import ConfigError
+from rockcls.core.text import is_utf8
 
 AUGMENTS = ("none", "d4", "crop", "light", "seed", "winner")
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -151,7 +152,10 @@ def coerce_value(name: str, raw: Any, typ: type) -> Any:
         return value
     if raw is None:
         return ""
-    return str(raw)
+    text = str(raw)
+    if not is_utf8(text):  # a file name given in another encoding: MLflow records parameters as UTF-8
+        raise ConfigError(f"{name}: {ascii(text)} is not valid UTF-8; rename it or give another path")
+    return text
 
 
 def check_value(name: str, value: Any, meta: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ import numpy as np
 from rockcls.core.config import default_cache_dir
 from rockcls.core.errors import DataError
 from rockcls.core.progress import track
+from rockcls.core.text import shown
 from rockcls.data.images import load_checked, map_in_threads
 from rockcls.data.index import FileStat, stat_files, stats_fingerprint
 
@@ -277,7 +278,7 @@ def open_cache(paths: Sequence[str], *, cache_dir: Path, size: int, workers: int
     built = build_cache(paths, cache_dir=cache_dir, size=size, workers=workers, stats=stats)
     bad = [(p, r) for p, r in zip(paths, built.reasons) if r]
     if bad:
-        listing = "; ".join(f"{p}: {r}" for p, r in bad[:3])
+        listing = "; ".join(f"{shown(p)}: {r}" for p, r in bad[:3])
         raise DataError(f"cache: {len(bad)} image(s) cannot be decoded: {listing} "
                         f"(validate the dataset first, e.g. with skip_bad_images=true)")
     return built.cache

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from rockcls.core.errors import DataError
+from rockcls.core.text import hash_bytes, is_utf8, shown, utf8_escaped
 from rockcls.data.images import IMAGE_EXTENSIONS
 
 SHOWN = 3  # problems named in the one-line error; the report file lists them all
@@ -42,8 +43,11 @@ EMPTY_LABEL = "empty label"
 UNKNOWN_LABEL = "unknown label"
 
 
+UNREADABLE = "unreadable folder entry"
+
+
 PLURALS = {BAD_IMAGE: "bad images", EMPTY_CLASS: "empty class folders", FEW_IMAGES: "classes with too few images",
-           EMPTY_LABEL: "empty labels", UNKNOWN_LABEL: "unknown labels"}
+           EMPTY_LABEL: "empty labels", UNKNOWN_LABEL: "unknown labels", UNREADABLE: "unreadable folder entries"}
 
 
 log = logging.getLogger("rockcls")
@@ -111,14 +115,17 @@ def index_dataset(source: str | os.PathLike, classes: Sequence[str] | None = Non
     return index
 
 
-def list_files(folder: str | os.PathLike, hidden: list[str] | None = None) -> list[str]:
+def list_files(folder: str | os.PathLike, hidden: list[str] | None = None,
+               unreadable: list[str] | None = None) -> list[str]:
     """Every non-hidden file under ``folder``; hidden folders (.ipynb_checkpoints, ...) are skipped
     (and their paths appended to ``hidden`` when given).
 
     Ordered as ``sorted(Path.rglob(...))`` orders them (by path components), so ids, folds and
     fingerprints do not depend on how the folder was listed. ``os.scandir`` gives file types
     from the directory listing, so no file is ``stat``-ed here; symlinked folders are not
-    followed (as with ``rglob``).
+    followed (as with ``rglob``). An entry whose type cannot be read (a symbolic link loop) or a
+    sub-folder that cannot be listed is returned like a file, and appended to ``unreadable``:
+    reading it fails later, so it is reported as a bad file, not as a traceback.
     """
     found: list[str] = []
     with os.scandir(folder) as it:
@@ -127,11 +134,16 @@ def list_files(folder: str | os.PathLike, hidden: list[str] | None = None) -> li
         if e.name.startswith("."):
             if hidden is not None:
                 hidden.append(e.path)
-        elif e.is_dir():
-            if not e.is_symlink():
-                found += list_files(e.path, hidden)
-        else:
-            found.append(e.path)
+            continue
+        try:
+            if e.is_dir():
+                if not e.is_symlink():
+                    found += list_files(e.path, hidden, unreadable)
+                continue
+        except OSError:  # ELOOP from is_dir, or EACCES listing the sub-folder
+            if unreadable is not None:
+                unreadable.append(e.path)
+        found.append(e.path)
     return found
 
 
@@ -145,17 +157,62 @@ def _relative_ids(paths: Sequence[str], root: Path) -> list[str]:
     return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths]
 
 
-def _split_images(files: Sequence[str], ignored: list[str]) -> list[str]:
-    """The image files of ``files``; the others go to ``ignored``."""
+def _file_ids(paths: Sequence[str], root: Path) -> list[str]:
+    """The ids of files listed under ``root``: their relative paths as UTF-8 text.
+
+    Ids are written to CSV files and the tracking store, so a name that is not valid UTF-8 gets
+    its ``\\xNN`` escaped form (`utf8_escaped`) as id; its path keeps the exact name, so the file
+    is still read and its logits files hold the exact name.
+    """
+    relative = _relative_ids(paths, root)
+    ids = [utf8_escaped(i) for i in relative]
+    escaped = [(r, i) for r, i in zip(relative, ids) if r != i]
+    if escaped:
+        if len(set(ids)) < len(ids):
+            raise DataError(f"data: the escaped id of {shown(escaped[0][0])} names another file of "
+                            f"{shown(str(root))} too; rename the files whose names are not valid UTF-8")
+        log.warning("%d file name(s) are not valid UTF-8; their ids are written with \\xNN escapes, first: %s -> %s",
+                    len(escaped), shown(escaped[0][0]), escaped[0][1])
+    return ids
+
+
+def _split_images(files: Sequence[str], ignored: list[str], unreadable: Sequence[str] = ()) -> list[str]:
+    """The image files of ``files``, and the ``unreadable`` entries whatever their name (they may
+    be images: reading them reports why they cannot be); the others go to ``ignored``."""
+    keep = set(unreadable)
     images = []
     for p in files:
-        (images if _is_image_name(p) else ignored).append(p)
+        (images if p in keep or _is_image_name(p) else ignored).append(p)
     return images
 
 
-def _index_class_folders(root: Path, classes: Sequence[str] | None) -> DatasetIndex:
+def _unreadable(path: str, exc: OSError) -> Problem:
+    return (UNREADABLE, path, f"unreadable ({exc.strerror or exc})")
+
+
+def _class_dirs(root: Path) -> tuple[list[Path], list[Problem]]:
+    """The class sub-folders of ``root``, and the entries whose type cannot be read (a symbolic
+    link loop): each may be a class folder, so each is a problem, not a silent omission."""
+    dirs: list[Path] = []
+    problems: list[Problem] = []
     with os.scandir(root) as entries:
-        class_dirs = sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    dirs.append(Path(e.path))
+            except OSError as exc:
+                problems.append(_unreadable(e.path, exc))
+    bad = next((d for d in dirs if not is_utf8(d.name)), None)
+    if bad is not None:
+        raise DataError(f"data: class folder {shown(str(bad))} has a name that is not valid UTF-8 (class names "
+                        f"are the predicted labels); rename it")
+    return sorted(dirs), sorted(problems)
+
+
+def _index_class_folders(root: Path, classes: Sequence[str] | None) -> DatasetIndex:
+    class_dirs, problems = _class_dirs(root)
     if not class_dirs:
         raise DataError(f"data: {root} has no class sub-folders (expected {root}/<class>/*.png)")
     names = _class_names([d.name for d in class_dirs], classes, str(root))
@@ -163,26 +220,36 @@ def _index_class_folders(root: Path, classes: Sequence[str] | None) -> DatasetIn
     paths: list[str] = []
     labels: list[int] = []
     ignored: list[str] = []
-    problems: list[Problem] = []
     for d in class_dirs:
         if d.name not in label_of:
             problems.append((UNKNOWN_LABEL, str(d), f"class folder not among the classes {', '.join(names)}"))
             continue
-        images = _split_images(list_files(d, hidden=ignored), ignored)
+        unreadable: list[str] = []
+        try:
+            files = list_files(d, hidden=ignored, unreadable=unreadable)
+        except OSError as exc:
+            problems.append(_unreadable(str(d), exc))
+            continue
+        images = _split_images(files, ignored, unreadable)
         if not images:
             problems.append((EMPTY_CLASS, str(d), "holds no images"))
         paths += images
         labels += [label_of[d.name]] * len(images)
-    return DatasetIndex(paths, np.asarray(labels, dtype=np.int64), names, _relative_ids(paths, root), str(root),
+    return DatasetIndex(paths, np.asarray(labels, dtype=np.int64), names, _file_ids(paths, root), str(root),
                         ignored=ignored, problems=problems)
 
 
 def _index_flat_folder(root: Path) -> DatasetIndex:
     ignored: list[str] = []
-    paths = _split_images(list_files(root, hidden=ignored), ignored)
+    unreadable: list[str] = []
+    try:
+        files = list_files(root, hidden=ignored, unreadable=unreadable)
+    except OSError as exc:
+        raise DataError(f"data: cannot list {shown(str(root))} ({exc.strerror or exc})") from None
+    paths = _split_images(files, ignored, unreadable)
     if not paths:
         raise DataError(f"data: {root} holds no images")
-    return DatasetIndex(paths, np.full(len(paths), -1, dtype=np.int64), [], _relative_ids(paths, root), str(root),
+    return DatasetIndex(paths, np.full(len(paths), -1, dtype=np.int64), [], _file_ids(paths, root), str(root),
                         ignored=ignored)
 
 
@@ -200,10 +267,10 @@ def _class_names(found: Sequence[str], classes: Sequence[str] | None, where: str
 def _log_ignored(index: DatasetIndex) -> None:
     if not index.ignored:
         return
-    shown = ", ".join(_relative_ids(index.ignored[:SHOWN], Path(index.root)))
+    names = ", ".join(map(shown, _relative_ids(index.ignored[:SHOWN], Path(index.root))))
     more = f" and {len(index.ignored) - SHOWN} more" if len(index.ignored) > SHOWN else ""
     log.info("ignored %d file(s) that are not images (no image extension) or hidden: %s%s",
-             len(index.ignored), shown, more)
+             len(index.ignored), names, more)
 
 
 def _index_csv(csv_path: Path, classes: Sequence[str] | None, labeled: bool) -> DatasetIndex:
@@ -263,7 +330,7 @@ def stats_fingerprint(paths: Sequence[str], stats: Sequence[FileStat]) -> str:
     h = hashlib.sha1()
     for p, st in zip(paths, stats):
         fields = "missing" if st is None else "\0".join(map(str, st))
-        h.update(f"{p}\0{fields}\n".encode())
+        h.update(hash_bytes(f"{p}\0{fields}\n"))
     return h.hexdigest()[:16]
 
 
@@ -277,20 +344,20 @@ def content_fingerprint(index: DatasetIndex) -> str:
     """Hash of ids and labels: equal for the same dataset wherever it is stored."""
     h = hashlib.sha1()
     for i, y in zip(index.ids, index.labels.tolist()):
-        h.update(f"{i}\0{y}\n".encode())
-    h.update("\0".join(index.classes).encode())
+        h.update(hash_bytes(f"{i}\0{y}\n"))
+    h.update(hash_bytes("\0".join(index.classes)))
     return h.hexdigest()[:16]
 
 
 def report_path(root: str) -> Path:
     """Where the problems of the dataset at ``root`` are listed when the caller names no file."""
-    digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(hash_bytes(str(Path(root).resolve()))).hexdigest()[:8]
     return Path(tempfile.gettempdir()) / f"rockcls-data-problems-{digest}.tsv"
 
 
 def write_problems(problems: Sequence[Problem], path: Path) -> None:
     def clean(text: str) -> str:
-        return " ".join(str(text).split())  # one row per problem, whatever the file names hold
+        return utf8_escaped(" ".join(str(text).split()))  # one row per problem, whatever the file names hold
 
     rows = "".join(f"{clean(k)}\t{clean(w)}\t{clean(d)}\n" for k, w, d in problems)
     write_atomic(path, f"kind\twhere\tdetail\n{rows}".encode())
@@ -308,7 +375,7 @@ def problems_error(problems: Sequence[Problem], report: Path) -> DataError:
     for kind, _, _ in problems:
         counts[kind] = counts.get(kind, 0) + 1
     summary = ", ".join(f"{n} {kind if n == 1 else PLURALS.get(kind, kind)}" for kind, n in counts.items())
-    first = "; ".join(f"{where}: {detail}" for _, where, detail in problems[:SHOWN])
+    first = "; ".join(f"{shown(where)}: {detail}" for _, where, detail in problems[:SHOWN])
     hint = (". Fix or remove the bad images, or pass skip_bad_images=true to leave them out"
             if BAD_IMAGE in counts else "")
     return DataError(f"data: {summary}; first: {first}; {listed}{hint}")

@@ -12,6 +12,7 @@ import torch
 
 from rockcls.core.config import default_cache_dir
 from rockcls.core.progress import track
+from rockcls.core.text import shown
 from rockcls.data import cache, images
 from rockcls.data.cache import cache_settings, open_cache
 from rockcls.data.images import (
@@ -64,7 +65,7 @@ def validate_images(index: DatasetIndex, *, skip_bad: bool, cache_dir: Path | No
     report.unlink(missing_ok=True)  # a list from an earlier run would describe data that is fixed now
     if bad:
         log.warning("skipping %d bad image(s), first: %s (%s); the run lists them in skipped_images.tsv",
-                    len(bad), bad[0][0], bad[0][1])
+                    len(bad), shown(bad[0][0]), bad[0][1])
     return kept
 
 

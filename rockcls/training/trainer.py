@@ -30,6 +30,7 @@ from rockcls.core.config import (
 from rockcls.core.devices import parse_devices
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1
+from rockcls.core.text import utf8_escaped
 from rockcls.data.cache import cache_settings
 from rockcls.data.index import (
     DatasetIndex,
@@ -318,7 +319,7 @@ def log_run_setup(plan: Plan, run_id: str) -> None:
     if plan.teacher is not None:
         tracking.log_file(run_id, Path(plan.cfg.teacher_file), names.TEACHER_DIR)
     if plan.index.skipped:
-        text = "\n".join(f"{p}\t{r}" for p, r in plan.index.skipped)
+        text = "\n".join(f"{utf8_escaped(p)}\t{utf8_escaped(r)}" for p, r in plan.index.skipped)
         tracking.log_text(run_id, f"path\treason\n{text}\n", "skipped_images.tsv")
 
 
