@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.student_run:
         student = args.student_run
         run = tracking.get_run(student)
+        if "cv_macro_f1" not in run.data.metrics:
+            raise SystemExit(f"--student-run {student} has no cv_macro_f1 yet (status {run.info.status}): "
+                             f"finish it first with: python -m rockcls distill --resume {student}")
         student_score, seconds = run.data.metrics["cv_macro_f1"], (run.info.end_time - run.info.start_time) / 1000
     else:
         backbone, _, weights = args.student.partition(":")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rockcls.core.errors import ConfigError, DataError
+from rockcls.core.text import shown
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -89,7 +90,7 @@ def read_image_file(path: str, max_bytes: int = 0, *, max_pixels: int | None = N
         # O_NONBLOCK: opening a FIFO without a writer must not hang; it changes nothing for files.
         fd = os.open(path, flags)
     except (OSError, ValueError, TypeError) as exc:  # ValueError: a NUL byte in the path
-        raise DataError(f"{_shown(path)}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+        raise DataError(f"{shown(path)}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
     try:
         return read_open_file(fd, path, max_bytes, max_pixels=max_pixels)
     finally:
@@ -100,7 +101,7 @@ def read_open_file(fd: int, path: str, max_bytes: int = 0, *, max_pixels: int | 
     """`read_image_file` of a descriptor already open (``path`` only labels errors)."""
     data = _read_regular(fd, path, max_bytes, max_pixels or max_pixels_setting())
     if max_bytes and len(data) > max_bytes:  # it grew after the fstat
-        raise DataError(f"{_shown(path)}: too large (over {max_bytes} bytes)")
+        raise DataError(f"{shown(path)}: too large (over {max_bytes} bytes)")
     return data
 
 
@@ -121,11 +122,11 @@ def max_file_bytes(pixels: int) -> int:
 def _read_regular(fd: int, path: str, max_bytes: int, max_pixels: int) -> bytes:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"{_shown(path)}: unreadable (not a regular file)")
+        raise DataError(f"{shown(path)}: unreadable (not a regular file)")
     if max_bytes and st.st_size > max_bytes:
-        raise DataError(f"{_shown(path)}: too large ({st.st_size} bytes, limit {max_bytes})")
+        raise DataError(f"{shown(path)}: too large ({st.st_size} bytes, limit {max_bytes})")
     if st.st_size > max_file_bytes(max_pixels):
-        raise DataError(f"{_shown(path)}: too large ({st.st_size} bytes: more than any image of "
+        raise DataError(f"{shown(path)}: too large ({st.st_size} bytes: more than any image of "
                         f"{max_pixels} px can take; see {MAX_PIXELS_ENV})")
     if st.st_size > HEADER_FIRST_BYTES:
         _check_header_first(fd, path, st.st_size, max_pixels)
@@ -139,7 +140,7 @@ def _read_regular(fd: int, path: str, max_bytes: int, max_pixels: int) -> bytes:
             chunks.append(chunk)
             got += len(chunk)
     except (OSError, MemoryError) as exc:
-        raise DataError(f"{_shown(path)}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
+        raise DataError(f"{shown(path)}: unreadable ({getattr(exc, 'strerror', None) or exc})") from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -151,13 +152,13 @@ def _check_header_first(fd: int, path: str, size: int, max_pixels: int) -> None:
         head = os.pread(fd, HEADER_BYTES, 0)
         w, h = _header_size(head, max_pixels)
     except _Refused as exc:
-        raise DataError(f"{_shown(path)}: {exc}") from None
+        raise DataError(f"{shown(path)}: {exc}") from None
     except Exception:  # noqa: BLE001 - a header longer than HEADER_BYTES; decided after reading
         return
     if w * h > max_pixels:
-        raise DataError(f"{_shown(path)}: too large ({w}x{h} px, limit {max_pixels} px; see {MAX_PIXELS_ENV})")
+        raise DataError(f"{shown(path)}: too large ({w}x{h} px, limit {max_pixels} px; see {MAX_PIXELS_ENV})")
     if size > max_file_bytes(w * h):
-        raise DataError(f"{_shown(path)}: too large ({size} bytes for a {w}x{h} image)")
+        raise DataError(f"{shown(path)}: too large ({size} bytes for a {w}x{h} image)")
 
 
 # openat2(2) (Linux 5.6+): one call that resolves a path beneath a directory descriptor and
@@ -199,7 +200,7 @@ def open_beneath(root: str, path: str) -> int:
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise DataError(f"{_shown(root)}: unreadable ({exc.strerror})") from None
+        raise DataError(f"{shown(root)}: unreadable ({exc.strerror})") from None
     try:
         return _open_parts(root_fd, parts, path)
     finally:
@@ -216,10 +217,10 @@ def _parts_beneath(root: str, path: str) -> list[str]:
         else:
             rel = posixpath.normpath(text)
     except (ValueError, TypeError):
-        raise DataError(f"{_shown(str(path))}: unreadable (not a valid path)") from None
+        raise DataError(f"{shown(str(path))}: unreadable (not a valid path)") from None
     parts = [p for p in rel.split("/") if p not in ("", ".")]
     if not parts or parts[0] == "..":
-        raise DataError(f"{_shown(str(path))}: outside {root}")
+        raise DataError(f"{shown(str(path))}: outside {root}")
     return parts
 
 
@@ -235,7 +236,7 @@ def _open_parts(root_fd: int, parts: list[str], path: str) -> int:
         if err in (errno.ENOSYS, errno.EPERM) and _openat2_works is None:  # no openat2 (old kernel, seccomp)
             _openat2_works = False
         else:
-            raise DataError(f"{_shown(path)}: unreadable ({os.strerror(err)})")
+            raise DataError(f"{shown(path)}: unreadable ({os.strerror(err)})")
     fd = root_fd
     try:
         for i, part in enumerate(parts):
@@ -248,7 +249,7 @@ def _open_parts(root_fd: int, parts: list[str], path: str) -> int:
     except OSError as exc:
         if fd != root_fd:
             os.close(fd)
-        raise DataError(f"{_shown(path)}: unreadable ({exc.strerror})") from None
+        raise DataError(f"{shown(path)}: unreadable ({exc.strerror})") from None
     return fd
 
 
@@ -265,35 +266,31 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
-def _shown(name: str) -> str:
-    return name if name.isprintable() else ascii(name)
-
-
 def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes (``name`` only labels errors), refusing more than ``max_pixels``."""
     if not data:
-        raise DataError(f"{_shown(name)}: empty file")
+        raise DataError(f"{shown(name)}: empty file")
     limit = max_pixels or max_pixels_setting()
     try:
         return _decode_checked(data, limit)
     except _Refused as exc:
-        raise DataError(f"{_shown(name)}: {exc}") from None
+        raise DataError(f"{shown(name)}: {exc}") from None
     except MemoryError:
-        raise DataError(f"{_shown(name)}: not decodable (out of memory)") from None
+        raise DataError(f"{shown(name)}: not decodable (out of memory)") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is this file's problem alone
-        raise DataError(f"{_shown(name)}: not a decodable image ({type(exc).__name__})") from None
+        raise DataError(f"{shown(name)}: not a decodable image ({type(exc).__name__})") from None
 
 
 def image_size(data: bytes, name: str) -> tuple[int, int]:
     """(width, height) from the header of an allowed format, nothing decoded; a DataError otherwise."""
     if not data:
-        raise DataError(f"{_shown(name)}: empty file")
+        raise DataError(f"{shown(name)}: empty file")
     try:
         return _header_size(data, max_pixels_setting())
     except _Refused as exc:
-        raise DataError(f"{_shown(name)}: {exc}") from None
+        raise DataError(f"{shown(name)}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a broken header is this file's problem alone
-        raise DataError(f"{_shown(name)}: not a decodable image ({type(exc).__name__})") from None
+        raise DataError(f"{shown(name)}: not a decodable image ({type(exc).__name__})") from None
 
 
 class _Refused(Exception):
