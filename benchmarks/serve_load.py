@@ -1,6 +1,7 @@
 """Load test of a served rockcls ensemble: good and hostile requests from concurrent clients.
 
     PYTHONPATH=. python benchmarks/serve_load.py [--requests 60] [--clients 4] [--rows 4]
+        [--attack-clients 8] [--attack-side 10000] [--backbone test_vit --img-size 32]
 
 Trains a tiny ensemble (timm ``test_vit``, 32 px, 1 epoch, 2 folds) on synthetic images into a
 temporary MLflow store, registers it, starts ``mlflow models serve --env-manager local`` on
@@ -14,6 +15,15 @@ rows carry their reason, good rows of the same batch are predicted, no body hold
 Prints ``requests``, ``errors_5xx``, ``p50_ms``, ``p99_ms``, ``images_per_s`` (good images
 predicted per second of the load phase), ``server_peak_rss_mb`` (all server processes, sampled
 every 50 ms), the check results, and one line per bad input with the answer it got.
+
+Then the attack phase: the good one-image requests again, one client, first alone
+(``good_p99_ms_alone``), then while ``--attack-clients`` clients keep sending legal
+``--attack-side``-square PNGs (a few hundred KB each, 100 Mpx decoded at the default side) and
+1-bit PNGs of that size: ``good_p99_ms_under_attack``, ``attack_server_peak_rss_mb`` (goal: bounded
+by the decode budget, ROCKCLS_DECODE_PIXELS, not by the number of attackers) and the attackers'
+answers. Last, single hostile bodies: 50 MB of spaced base64 text, 20,000 rows of invalid base64,
+and their answer, time and the server's peak memory. ``--backbone`` / ``--img-size`` give the
+served model a real size (random weights; e.g. efficientnet_lite0 at 224).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from pathlib import Path
 NAME = "serve-load"
 
 
-def build_model(work: Path) -> tuple[str, Path]:
+def build_model(work: Path, backbone: str = "test_vit", img_size: int = 32) -> tuple[str, Path]:
     """Train and register the tiny ensemble; returns (tracking URI, image folder)."""
     import mlflow
 
@@ -52,7 +62,7 @@ def build_model(work: Path) -> tuple[str, Path]:
     os.environ["ROCKCLS_CACHE_DIR"] = str(work / "cache")
     mlflow.set_tracking_uri(uri)
     data = make_dataset(work / "images", [16, 16, 16], size=48, seed=3)
-    cfg = build_config(TrainConfig, dict(data=str(data), backbone="test_vit", pretrained=False, img_size=32,
+    cfg = build_config(TrainConfig, dict(data=str(data), backbone=backbone, pretrained=False, img_size=img_size,
                                          folds=2, epochs=1, batch_size=16, num_workers=0, hn_memory=32,
                                          warmup_epochs=0.5, device="cpu", output_dir=str(work / "outputs")))
     run = run_training(cfg)
@@ -196,6 +206,82 @@ def check(spec: dict, status: int, text: str) -> tuple[list[str], int, dict[str,
     return problems, good, answers
 
 
+def big_pngs(side: int) -> list[tuple[str, bytes]]:
+    """Legal but expensive images: an 8-bit RGB and a 1-bit PNG of ``side`` x ``side`` pixels."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    rgb = cv2.imencode(".png", np.zeros((side, side, 3), dtype=np.uint8))[1].tobytes()
+    one_bit = __import__("io").BytesIO()
+    Image.new("1", (side, side)).save(one_bit, format="PNG")
+    return [(f"{side}x{side} RGB PNG ({len(rgb) // 1024} KB)", rgb),
+            (f"{side}x{side} 1-bit PNG ({len(one_bit.getvalue()) // 1024} KB)", one_bit.getvalue())]
+
+
+def body_of(rows: list[str]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image_b64"], "data": [[r] for r in rows]}}).encode()
+
+
+def p99_of(ms: list[float]) -> float:
+    ms = sorted(ms)
+    return ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))]
+
+
+def attack_phase(url: str, good: list[bytes], bombs: list[tuple[str, bytes]], clients: int, pgid: int) -> dict:
+    """Good one-image requests from one client, alone and then while ``clients`` attackers send
+    ``bombs`` in a loop: good latencies, server peak memory, the attackers' answers."""
+    alone = [post(url, body)[2] for body in good]
+    stop, answers, sampler = threading.Event(), {}, RssSampler(pgid)
+    lock = threading.Lock()
+
+    def attacker(k: int) -> None:
+        name, data = bombs[k % len(bombs)]
+        body = body_of([b64(data)])
+        while not stop.is_set():
+            status, text, ms = post(url, body)
+            key = f"{name}: HTTP {status}" + ("" if status == 200 else f" {text[:90]!r}")
+            if status == 200:
+                err = json.loads(text)["predictions"][0]["error"]
+                key += f", row error {err[:90]!r}" if err else ", predicted"
+            with lock:
+                answers.setdefault(key, []).append(ms)
+
+    sampler.start()
+    threads = [threading.Thread(target=attacker, args=(k,), daemon=True) for k in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # let the attack reach its peak first
+    during = [post(url, body)[2] for body in good]
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    sampler.stop.set()
+    sampler.join()
+    return {"alone": alone, "during": during, "peak": sampler.peak, "answers": answers}
+
+
+def hostile_bodies(url: str, pgid: int) -> list[str]:
+    """One request each: a spaced 50 MB base64 text, 20,000 rows of invalid base64."""
+    lines = []
+    for name, body in (("50 MB of 'AB AB ...' base64 text", body_of(["AB " * (50 * 2**20 // 3)])),
+                       ("20,000 rows of invalid base64", body_of(["%%%"] * 20000))):
+        sampler = RssSampler(pgid)
+        base = group_rss_mb(pgid)
+        sampler.start()
+        status, text, ms = post(url, body)
+        sampler.stop.set()
+        sampler.join()
+        try:
+            msg = json.loads(text)
+            msg = msg.get("message", "").rsplit("Error: ", 1)[-1] if "message" in msg else msg["predictions"][0]["error"]
+        except (ValueError, KeyError, IndexError):
+            msg = text[:120]
+        lines.append(f"hostile: {name} -> HTTP {status} {msg[:110]!r} in {ms:.0f} ms, "
+                     f"server +{max(0.0, sampler.peak - base):.0f} MB")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     from rockcls.core.processes import stop_process_group
 
@@ -203,13 +289,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=60, help="requests in all")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
     parser.add_argument("--rows", type=int, default=4, help="images per good request")
+    parser.add_argument("--attack-clients", type=int, default=8, help="clients sending huge legal PNGs (0: no attack)")
+    parser.add_argument("--attack-side", type=int, default=10000, help="side of the attack PNGs, pixels")
+    parser.add_argument("--backbone", default="test_vit", help="the served model's backbone (random weights)")
+    parser.add_argument("--img-size", type=int, default=32)
     args = parser.parse_args(argv)
     if min(args.requests, args.clients, args.rows) < 1:
         parser.error("--requests, --clients and --rows must be >= 1")
+    here = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="rockcls-serve-load-") as tmp:
         work = Path(tmp)
+        os.chdir(work)  # MLflow's default artifact folder (./mlruns) lands in the temporary folder
         t0 = time.perf_counter()
-        uri, root = build_model(work)
+        uri, root = build_model(work, args.backbone, args.img_size)
         print(f"model trained and registered in {time.perf_counter() - t0:.0f} s")
         outside = work / "outside.png"
         images = sorted(root.rglob("*.png"))
@@ -231,8 +323,14 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - start
             sampler.stop.set()
             sampler.join()
+            attack = None
+            if args.attack_clients:
+                good = [body_of([b64(p.read_bytes())]) for p in images[:40]]
+                attack = attack_phase(url, good, big_pngs(args.attack_side), args.attack_clients, proc.pid)
+            hostile = hostile_bodies(url, proc.pid)
         finally:
             stop_process_group(proc)
+            os.chdir(here)
     problems, good, answers = [], 0, {}
     for spec, (status, text, _) in zip(specs, results):
         p, g, a = check(spec, status, text)
@@ -257,6 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {line}")
     for name, answer in answers.items():
         print(f"bad input: {name} -> {answer}")
+    if attack:
+        print(f"good_p99_ms_alone {p99_of(attack['alone']):.0f}")
+        print(f"good_p99_ms_under_attack {p99_of(attack['during']):.0f} ({args.attack_clients} clients sending "
+              f"{args.attack_side}x{args.attack_side} PNGs)")
+        print(f"attack_server_peak_rss_mb {attack['peak']:.0f} (idle {idle_mb:.0f})")
+        for key, ms in sorted(attack["answers"].items()):
+            print(f"attack: {key} x{len(ms)}, median {statistics.median(ms):.0f} ms")
+    for line in hostile:
+        print(line)
     return 1 if problems else 0
 
 

@@ -44,6 +44,8 @@ TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"
 # while decoding, and the scoring server runs at most a handful of requests at once.
 SMALL_PIXELS = 16_000_000
 _WHITESPACE = re.compile(r"\s+")
+BUSY = ("server busy decoding other large images (ROCKCLS_DECODE_PIXELS, ROCKCLS_DECODE_WAIT): "
+        "send this row again later")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ServeLimits:
     max_image_pixels: int = 100_000_000  # decoded pixels of one image (never above ROCKCLS_MAX_PIXELS)
     max_request_pixels: int = 200_000_000  # decoded pixels of all images of one request
     decode_pixels: int = 100_000_000  # pixels of big images being decoded at once, all requests together
+    decode_wait: float = 0.5  # seconds a big image may wait for its share of decode_pixels
     timeout: float = 60.0  # seconds a request may work (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)
 
 
@@ -64,7 +67,7 @@ class ServeLimits:
 SETTINGS = {"image_root": IMAGE_ROOT_ENV, "max_image_bytes": "ROCKCLS_MAX_IMAGE_BYTES",
             "max_request_bytes": "ROCKCLS_MAX_REQUEST_BYTES", "max_rows": "ROCKCLS_MAX_ROWS",
             "max_image_pixels": "ROCKCLS_MAX_IMAGE_PIXELS", "max_request_pixels": "ROCKCLS_MAX_REQUEST_PIXELS",
-            "decode_pixels": "ROCKCLS_DECODE_PIXELS", "timeout": TIMEOUT_ENV}
+            "decode_pixels": "ROCKCLS_DECODE_PIXELS", "decode_wait": "ROCKCLS_DECODE_WAIT", "timeout": TIMEOUT_ENV}
 MODEL_CONFIG = {key: "" if key == "image_root" else 0 for key in SETTINGS}
 
 
@@ -85,10 +88,10 @@ def build_serve_limits(model_config: Mapping[str, Any] | None, env: Mapping[str,
             values[f.name] = real
             continue
         try:
-            value = float(raw) if f.name == "timeout" else int(raw)
+            value = float(raw) if f.name in ("timeout", "decode_wait") else int(raw)
         except ValueError:
             value = 0
-        if value <= 0:
+        if value < 0 or (value == 0 and f.name != "decode_wait"):
             raise RockclsError(f"{where}: expected a positive number, got {raw!r}")
         values[f.name] = value
     limits = ServeLimits(**values)
@@ -104,21 +107,24 @@ class RequestExpired(RockclsError):
 
 
 class PixelBudget:
-    """Pixels that may be decoding at once in this process; a request waits for its share, at
-    most until its deadline."""
+    """Pixels that may be decoding at once in this process. A request waits for its share at most
+    ``decode_wait`` seconds: a waiting request holds one of the scoring server's few threads, so
+    long waits would let big images starve small ones."""
 
     def __init__(self, pixels: int):
         self.total = self.free = pixels
         self._cond = threading.Condition()
 
-    def acquire(self, pixels: int, deadline: float) -> None:
+    def acquire(self, pixels: int, until: float) -> bool:
+        """Take ``pixels``, waiting at most until the monotonic time ``until``; False if not taken."""
         with self._cond:
             while self.free < pixels:
-                left = deadline - time.monotonic()
+                left = until - time.monotonic()
                 if left <= 0:
-                    raise RequestExpired("request timed out waiting to decode its images; send fewer or smaller ones")
+                    return False
                 self._cond.wait(left)
             self.free -= pixels
+            return True
 
     def release(self, pixels: int) -> None:
         with self._cond:
@@ -131,8 +137,8 @@ class _BudgetedImages:
     until the next row is read (by then its decoded array has been resized and dropped), and no
     row is decoded after the deadline."""
 
-    def __init__(self, payloads: list[bytes], pixels: list[int], budget: PixelBudget, deadline: float):
-        self.payloads, self.pixels, self.budget, self.deadline = payloads, pixels, budget, deadline
+    def __init__(self, payloads: list[bytes], pixels: list[int], budget: PixelBudget, deadline: float, wait: float):
+        self.payloads, self.pixels, self.budget, self.deadline, self.wait = payloads, pixels, budget, deadline, wait
         self.held = 0
 
     def __len__(self) -> int:
@@ -143,7 +149,8 @@ class _BudgetedImages:
         if time.monotonic() > self.deadline:
             raise RequestExpired(f"request timed out after {row} of {len(self)} images")
         if self.pixels[row] > SMALL_PIXELS:
-            self.budget.acquire(self.pixels[row], self.deadline)
+            if not self.budget.acquire(self.pixels[row], min(self.deadline, time.monotonic() + self.wait)):
+                raise DataError(f"row {row}: {BUSY}")
             self.held = self.pixels[row]
         return decode_image(self.payloads[row], f"row {row}")
 
@@ -167,7 +174,8 @@ def predict_request(predictor: Predictor, frame: pd.DataFrame, limits: ServeLimi
     probs = np.full((len(frame), len(predictor.classes)), np.nan)
     labels = [""] * len(frame)
     if ok:
-        source = _BudgetedImages([payloads[i] for i in ok], [pixels[i] for i in ok], budget, deadline)
+        source = _BudgetedImages([payloads[i] for i in ok], [pixels[i] for i in ok], budget, deadline,
+                                 limits.decode_wait)
         try:
             pred = predictor.predict_source(source, tta=tta, batch_size=batch_size, num_workers=0)
         finally:
