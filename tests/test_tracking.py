@@ -214,3 +214,51 @@ def test_downloads_leave_no_folder_after_the_process_and_a_killed_process_folder
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().startswith(str(tmp / tracking.DOWNLOADS_PREFIX))
     assert list(tmp.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- a PostgreSQL tracking store
+
+def test_a_missing_database_driver_is_one_line_naming_the_package(mlflow_store, synthetic_dir, monkeypatch,
+                                                                   capsys) -> None:
+    import sys
+
+    from rockcls.commands import train as train_cmd
+    from rockcls.core.entry import run_command
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # what an environment without it gives
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://ann:s3cret@127.0.0.1:9/mlflow")
+    tracking.mlflow.set_tracking_uri("postgresql://ann:s3cret@127.0.0.1:9/mlflow")
+    tracking.check_driver.cache_clear()
+    rc = run_command(train_cmd.main, ["--data", str(synthetic_dir), "--backbone", "test_efficientnet",
+                                      "--pretrained", "false", "--img-size", "32", "--device", "cpu"])
+    tracking.check_driver.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "s3cret" not in err, err
+    assert err == ("rockcls: error: tracking store postgresql://ann:***@127.0.0.1:9/mlflow: its database driver "
+                   "'psycopg' is not installed (pip install 'psycopg[binary]')")
+
+
+def test_train_and_predict_with_a_postgresql_tracking_store(mlflow_store, synthetic_dir, tmp_path, monkeypatch) -> None:
+    """MLFLOW_TRACKING_URI=postgresql://... as written in the docs (no +driver): the install brings
+    the driver MLflow 3 uses for it."""
+    from tests import postgres
+
+    reason = postgres.unavailable_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL test skipped: {reason}")
+    cluster = postgres.start_cluster()
+    try:
+        cluster.create_database("mlflow")
+        uri = cluster.url("mlflow", driver="postgresql")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking.mlflow.set_tracking_uri(uri)
+        result = run_training(tiny_config(synthetic_dir, folds=2, epochs=1))
+        run = tracking.get_run(result.run_id)
+        assert run.info.status == "FINISHED" and "cv_macro_f1" in run.data.metrics
+        assert len(tracking.child_runs(result.run_id, kind="fold")) == 2
+        assert predict.main(["--model", result.run_id, "--data", str(synthetic_dir), "--out", str(tmp_path / "s.csv"),
+                             "--num-workers", "0"]) == 0
+        assert len(pd.read_csv(tmp_path / "s.csv")) == sum(1 for _ in synthetic_dir.rglob("*.png"))
+    finally:
+        tracking.mlflow.set_tracking_uri(None)
+        cluster.stop()

@@ -52,8 +52,41 @@ Sort by `metrics.cv_macro_f1` to rank train runs; `rockcls ensemble --top K` tak
 """
 
 
+# The pip package that brings each database driver SQLAlchemy may ask for.
+DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL",
+                   "MySQLdb": "mysqlclient", "pyodbc": "pyodbc"}
+
+
 def client() -> MlflowClient:
-    return MlflowClient()
+    check_driver(tracking_uri())
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return MlflowClient()  # a database store connects (and creates its tables) here, once per process
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise RockclsError(f"tracking store {shown_uri()} cannot be opened: "
+                           f"{secrets.hide(detail[0] if detail else type(exc).__name__)[:200]}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def check_driver(uri: str) -> None:
+    """A database tracking store whose Python driver is missing: one line naming the package, not
+    MLflow's 80-line ModuleNotFoundError at the first call."""
+    if uri.split("://", 1)[0].split("+", 1)[0] not in ("postgresql", "postgres", "mysql", "mssql"):
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        return  # not a URL SQLAlchemy knows: MLflow says so itself
+    except ImportError as exc:
+        package = DRIVER_PACKAGES.get((exc.name or "").split(".")[0], exc.name)
+        secrets.remember(uri)
+        raise ConfigError(f"tracking store {secrets.mask_url(uri)}: its database driver {exc.name!r} is not "
+                          f"installed (pip install '{package}')") from None
 
 
 def _retry(fn, *args, attempts: int = 6, **kwargs):
