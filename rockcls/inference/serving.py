@@ -59,7 +59,7 @@ class ServeLimits:
     max_image_pixels: int = 100_000_000  # decoded pixels of one image (never above ROCKCLS_MAX_PIXELS)
     max_request_pixels: int = 200_000_000  # decoded pixels of all images of one request
     decode_pixels: int = 100_000_000  # pixels of big images being decoded at once, all requests together
-    decode_wait: float = 0.5  # seconds a big image may wait for its share of decode_pixels
+    decode_wait: float = 0.0  # seconds a big image may wait for its share of decode_pixels (0: refuse at once)
     timeout: float = 60.0  # seconds a request may work (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT)
 
 
