@@ -75,3 +75,18 @@ def test_an_experiment_parameter_under_mlflow_run_is_refused(mlflow_store, tmp_p
     assert done.returncode != 0
     assert ("rockcls: error: experiment: 'other' cannot take effect: `mlflow run` chose experiment 'named'; "
             "give `--experiment-name other` to mlflow run instead") in done.stderr
+
+
+def test_a_password_in_the_tune_storage_parameter_ends_cleanly_saying_where_it_goes(mlflow_store, synthetic_dir,
+                                                                                  tmp_path):
+    """MLflow prints the command line and logs the parameter before tune starts (nothing in the
+    project can stop that); tune refuses in one line and `mlflow run` ends without a traceback."""
+    done = mlflow_run("tune", {"data": str(synthetic_dir), "trials": "1",
+                               "storage": "postgresql://u:Zq81-secret@db.invalid/optuna"}, tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rockcls: error:")]
+    assert len(errors) == 1 and "pass the password in $ROCKCLS_STORAGE or ~/.pgpass instead" in errors[0]
+    assert "mlflow runs delete --run-id" in errors[0] and "Zq81-secret" not in errors[0]
+    assert done.stderr.strip().splitlines()[-1].endswith("failed ===")
+    (run,) = MlflowClient().search_runs(["0"])
+    assert (run.info.status, run.info.lifecycle_stage) == ("FAILED", "active")

@@ -47,15 +47,20 @@ def resolve_storage_url(storage: str, tracking_uri: str) -> str:
 def refuse_logged_password(storage: str) -> None:
     """Under ``mlflow run`` (MLFLOW_RUN_ID set), a password in ``-P storage`` is already in the
     tracking store: MLflow logged it as a parameter of the run this study would adopt, and
-    parameters cannot be edited. Fail and soft-delete that run, and say how to purge it."""
+    parameters cannot be edited. Fail that run and say how to erase it and where the password goes.
+
+    The run is not deleted here: ``mlflow run`` marks it FAILED after this process exits, which
+    fails with a 30-line traceback on a deleted run (MLflow 3.17 sets the status even when the run
+    already ended)."""
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if not env_run or not secrets.url_secrets(storage):
         return
     tracking.end_run(env_run, "FAILED")
-    tracking.delete_run(env_run)
-    raise ConfigError(f"storage: holds a password, which `mlflow run` logs as a parameter of run {env_run}; that run "
-                      f"is now FAILED and deleted, purge it for good with `{tracking.gc_command(env_run)}`, then give "
-                      f"the URL in ${secrets.STORAGE_ENV} or the password in ~/.pgpass (-P storage=postgresql://user@host/db)")
+    tracking.set_tags(env_run, {names.FAIL_REASON: "storage: a password in -P storage (logged as a parameter)"})
+    raise ConfigError(f"storage: holds a password, which `mlflow run` has logged as a parameter of run {env_run} "
+                      f"(now FAILED): erase it with `mlflow runs delete --run-id {env_run}` then "
+                      f"`{tracking.gc_command(env_run)}`, and pass the password in ${secrets.STORAGE_ENV} or "
+                      f"~/.pgpass instead (-P storage=postgresql://user@host/db)")
 
 
 def warn_visible_password(storage: str) -> None:
