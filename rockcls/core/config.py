@@ -29,6 +29,7 @@ AUTO_LR_PRETRAINED = 1e-3
 AUTO_IMG_SIZE = 224  # img_size auto for a backbone whose timm config names no resolution
 MIN_IMG_SIZE = 16
 TTA_MODES = ("none", "flip", "d4")
+MAX_GALLERY = 64  # images per gallery: 64 thumbnails of 96 px are a PNG of about 1.2 MB
 
 EXPERIMENT_DEFAULT = "empty = the one `mlflow run --experiment-name` or MLFLOW_EXPERIMENT_NAME chose, else rockcls"
 
@@ -94,6 +95,11 @@ class TrainConfig:
     full_fit: bool = option(False, "after the folds, train one network on all images with the same recipe and "
                                    "epochs (its expected accuracy is the CV score just measured); ensemble "
                                    "and the registry use it instead of the k fold networks")
+    gallery_size: int = option(16, "images per gallery of hard examples a fold run logs (its highest-loss "
+                                   "out-of-fold images; with the hard-negative sampler, the memory's members); "
+                                   f"at most {MAX_GALLERY}; 0 = no galleries", min=0, max=MAX_GALLERY)
+    gallery_every: int = option(0, "also log the galleries every this many epochs (step = epoch); 0 = at the "
+                                   "end of each fold only", min=0)
     seed: int = option(42, "seed of initialisation, sampling and augmentation", min=0)
     split_seed: int = option(42, "seed of the fold split (members of one ensemble share it)", min=0)
     experiment: str = option("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")

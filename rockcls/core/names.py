@@ -53,3 +53,10 @@ OOF_FOLD = "oof_fold.npz"  # one fold run's share of them
 FOLD_MODEL = "checkpoints/model.pt"  # the weights a fold run keeps
 ENSEMBLE_FILE = "ensemble.json"
 TEACHER_DIR = "teacher"  # a distilled run's cached teacher probabilities (teacher/<key>.npz)
+
+# --------------------------------------------------------------------- hard examples (a fold run's galleries)
+# Image keys: the run page shows each key's images with a step (epoch) slider.
+HARDEST_OOF = "hardest_oof"  # the kept weights' highest-loss out-of-fold images (step = kept epoch)
+HARDEST_VAL = "hardest_val"  # every gallery_every epochs: that epoch's highest-loss validation images
+HN_MEMORY = "hn_memory"  # what the hard-negative memory holds (step = epoch)
+GALLERY_DIR = "hard_examples"  # the galleries' tables (<key>[_epoch_<n>].csv) and the final grid's PNG

@@ -329,6 +329,17 @@ def log_figure(run_id: str, fig, artifact_file: str) -> None:
     plt.close(fig)
 
 
+def log_image(run_id: str, image, *, key: str, step: int) -> None:
+    """An image (PIL or uint8 array) that the run's page shows under ``key``, with a step slider
+    (MLflow 3's stepped images: ``images/<key>+step+<step>+...`` artifacts)."""
+    _retry(client().log_image, run_id, image, key=key, step=step, synchronous=True)
+
+
+def log_image_file(run_id: str, image, artifact_file: str) -> None:
+    """An image (PIL or uint8 array) as the artifact ``artifact_file`` (a ``.png``)."""
+    _retry(client().log_image, run_id, image, artifact_file=artifact_file)
+
+
 def download(run_id: str, artifact_path: str, dst: str | None = None) -> Path:
     """The artifact, under ``dst`` (the caller's folder) or else under this process's download
     folder, which is removed when the process exits."""

@@ -20,7 +20,7 @@ import timm.utils
 import torch
 import yaml
 
-from rockcls.core import names, tracking
+from rockcls.core import gallery, names, tracking
 from rockcls.core.config import (
     TrainConfig,
     build_config,
@@ -558,13 +558,14 @@ class FoldTrainer:
         save_checkpoint(self.checkpoint(metrics), self.dir / "last.pt")
         self._drop_stale_best()
         tracking.log_metrics(self.run_id, metrics, step=epoch)
+        self._log_epoch_galleries(epoch, ev)
         shown = f" val_loss {metrics['val_loss']:.4f} val_macro_f1 {metrics['val_macro_f1']:.4f}" if ev else ""
         log.info("%s epoch %d: train_loss %.4f%s", self.label, epoch, metrics["train_loss"], shown)
         return metrics
 
     def _epoch_metrics(self, tr: dict, ev: dict | None) -> dict[str, float]:
         metrics = {"train_loss": tr["train_loss"], "lr": tr["lr"], "train_images_per_s": tr["train_images_per_s"],
-                   "hn_memory_size": float(len(self.memory)) if self.memory else 0.0}
+                   "hn_memory_size": float(len(self.memory)) if self.memory else 0.0, **self._memory_counts()}
         if ev is None:
             return metrics
         classes = self.plan.index.classes
@@ -572,6 +573,33 @@ class FoldTrainer:
         pcf = per_class_f1(ev["labels"], preds, classes)
         return {**metrics, "val_loss": ev["val_loss"], "val_macro_f1": macro_f1(ev["labels"], preds, len(classes)),
                 **{f"val_f1.{safe_name(c)}": v for c, v in pcf.items()}}
+
+    def _memory_counts(self) -> dict[str, float]:
+        """How many members of each class the hard-negative memory holds (``hn_memory.count.<class>``)."""
+        if self.memory is None:
+            return {}
+        classes = self.plan.index.classes
+        counts = np.bincount(self.plan.index.labels[self.train_rows[self.memory.ids()]], minlength=len(classes))
+        return {f"hn_memory.count.{safe_name(c)}": float(n) for c, n in zip(classes, counts)}
+
+    def _log_epoch_galleries(self, epoch: int, ev: dict | None) -> None:
+        """Every ``gallery_every`` epochs the epoch's highest-loss validation images; then and at the
+        fold's last epoch the memory's highest-loss members."""
+        size, every = self.cfg.gallery_size, self.cfg.gallery_every
+        due = size > 0 and every > 0 and (epoch + 1) % every == 0
+        last = self.state.epoch >= self.cfg.epochs or self._early_stopped()
+        index = self.plan.index
+        if due and ev is not None:
+            rows = self.val_rows[ev["positions"]]
+            examples = gallery.hardest(rows, ev["logits"], ev["labels"], paths=index.paths, classes=index.classes, n=size)
+            gallery.log_gallery(self.run_id, self.plan.source, examples, key=names.HARDEST_VAL, step=epoch,
+                                table_file=f"{names.GALLERY_DIR}/{names.HARDEST_VAL}_epoch_{epoch}.csv")
+        if self.memory is not None and size > 0 and (due or last):
+            rows = self.train_rows[self.memory.ids()]
+            examples = gallery.highest(rows, self.memory.losses(), index.labels[rows], paths=index.paths,
+                                       classes=index.classes, n=size)
+            gallery.log_gallery(self.run_id, self.plan.source, examples, key=names.HN_MEMORY, step=epoch,
+                                table_file=f"{names.GALLERY_DIR}/{names.HN_MEMORY}_epoch_{epoch}.csv")
 
     def _track_best(self, epoch: int, f1: float) -> None:
         if f1 <= self.state.best_f1:
@@ -623,6 +651,13 @@ class FoldTrainer:
                          **{f"{VIEW_PREFIX}{name}": v for name, v in views.items()})
         tracking.log_file(self.run_id, self.dir / "model.pt", "checkpoints")
         tracking.log_file(self.run_id, oof)
+        if self.cfg.gallery_size > 0:
+            index = self.plan.index
+            examples = gallery.hardest(rows, ev["logits"], ev["labels"], paths=index.paths, classes=index.classes,
+                                       n=self.cfg.gallery_size)
+            gallery.log_gallery(self.run_id, self.plan.source, examples, key=names.HARDEST_OOF, step=kept_epoch,
+                                table_file=f"{names.GALLERY_DIR}/{names.HARDEST_OOF}.csv",
+                                image_file=f"{names.GALLERY_DIR}/{names.HARDEST_OOF}.png")
         tracking.log_metrics(self.run_id, {"oof_macro_f1": score, "best_val_macro_f1": self.state.best_f1,
                                            "best_epoch": float(self.state.best_epoch),
                                            "kept_epoch": float(kept_epoch)})
