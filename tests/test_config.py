@@ -107,6 +107,15 @@ def test_mlproject_train_parameters_are_the_config_fields_and_empty_means_not_gi
         assert f"{{{name}}}" in spec["command"]
 
 
+def test_mlproject_evaluate_parameters_are_the_command_options():
+    from rockcls.commands.evaluate import EvaluateConfig
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["evaluate"]
+    assert set(spec["parameters"]) == {f.name for f in fields(EvaluateConfig)} - {"experiment"}
+    for name in spec["parameters"]:
+        assert f"{{{name}}}" in spec["command"]
+
+
 def test_conda_env_lists_the_package_dependencies():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     conda = yaml.safe_load((ROOT / "conda.yaml").read_text())["dependencies"]

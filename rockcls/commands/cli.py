@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("rockcls.commands.train", "k-fold training of a timm backbone"),
     "distill": ("rockcls.commands.distill", "train one student backbone from an ensemble teacher"),
     "predict": ("rockcls.commands.predict", "predict a folder or CSV with a train run or registered model"),
+    "evaluate": ("rockcls.commands.evaluate", "score a model on labelled images; log its mistakes and calibration"),
     "ensemble": ("rockcls.commands.ensemble", "weighted soft voting of train runs, optionally registered"),
     "prepare": ("rockcls.commands.prepare", "index, validate and cache a dataset ahead of training"),
     "demo": ("rockcls.commands.demo", "synthetic data -> train -> predict -> ensemble on the CPU"),
