@@ -82,22 +82,18 @@ def save_prediction(frame: pd.DataFrame, pred: Prediction, ids: Sequence[str], p
     return npz
 
 
-def log_prediction(cfg: PredictConfig, pred: Prediction, predictor: Predictor, tta: str,
-                   files: Sequence[Path], index: DatasetIndex) -> str:
-    run_id = tracking.start_run(experiment=cfg.experiment, name="predict", kind="predict", adopt_env_run=True,
-                                tags={"rockcls.model": cfg.model})
+def log_prediction(run_id: str, cfg: PredictConfig, pred: Prediction, predictor: Predictor, tta: str,
+                   files: Sequence[Path], index: DatasetIndex) -> None:
     bad = [(i, e) for i, e in enumerate(pred.errors) if e]
-    with tracking.closing(run_id):
-        tracking.set_description(run_id, describe_prediction(cfg, predictor, tta, len(pred.errors), len(bad)))
-        log_data_input(run_id, index, cfg.data, content_fingerprint(index), context="inference")
-        tracking.log_params(run_id, {**vars(cfg), "resolved_tta": tta, "num_models": len(predictor.models),
-                                     "model_source": predictor.source})
-        tracking.log_metrics(run_id, {"num_images": len(pred.errors), "num_errors": len(bad)})
-        for path in files:
-            tracking.log_file(run_id, path)
-        if bad:
-            tracking.log_text(run_id, "row\terror\n" + "".join(f"{i}\t{e}\n" for i, e in bad), "errors.tsv")
-    return run_id
+    tracking.set_description(run_id, describe_prediction(cfg, predictor, tta, len(pred.errors), len(bad)))
+    log_data_input(run_id, index, cfg.data, content_fingerprint(index), context="inference")
+    tracking.log_params(run_id, {**vars(cfg), "resolved_tta": tta, "num_models": len(predictor.models),
+                                 "model_source": predictor.source})
+    tracking.log_metrics(run_id, {"num_images": len(pred.errors), "num_errors": len(bad)})
+    for path in files:
+        tracking.log_file(run_id, path)
+    if bad:
+        tracking.log_text(run_id, "row\terror\n" + "".join(f"{i}\t{e}\n" for i, e in bad), "errors.tsv")
 
 
 def describe_prediction(cfg: PredictConfig, predictor: Predictor, tta: str, n: int, unreadable: int) -> str:
@@ -135,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     predictor = load_predictor(cfg.model, device=device)
     tta = predictor.tta if cfg.tta == "auto" else cfg.tta
-    pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,
-                             num_workers=cfg.num_workers)
-    warn_errors(pred, index.paths)
-    frame = build_submission(index.ids, pred, id_column=cfg.id_column, label_column=cfg.label_column)
-    out = Path(cfg.out)
-    npz = save_prediction(frame, pred, index.ids, index.paths, out, tta)
-    run_id = log_prediction(cfg, pred, predictor, tta, [out, npz], index)
+    # The run opens before the work, so its System Metrics tab covers the prediction; the CSV is
+    # written before anything is logged, so no logging problem can lose the predictions.
+    run_id = tracking.start_run(experiment=cfg.experiment, name="predict", kind="predict", adopt_env_run=True,
+                                tags={"rockcls.model": cfg.model})
+    with tracking.closing(run_id), tracking.system_metrics(run_id):
+        pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,
+                                 num_workers=cfg.num_workers)
+        warn_errors(pred, index.paths)
+        frame = build_submission(index.ids, pred, id_column=cfg.id_column, label_column=cfg.label_column)
+        out = Path(cfg.out)
+        npz = save_prediction(frame, pred, index.ids, index.paths, out, tta)
+        log_prediction(run_id, cfg, pred, predictor, tta, [out, npz], index)
     print(f"predict run {run_id}: {len(frame)} row(s), {int((~pred.ok).sum())} unreadable, tta {tta} -> {out}")
     return 0

@@ -100,6 +100,9 @@ class TrainConfig:
                                    f"at most {MAX_GALLERY}; 0 = no galleries", min=0, max=MAX_GALLERY)
     gallery_every: int = option(0, "also log the galleries every this many epochs (step = epoch); 0 = at the "
                                    "end of each fold only", min=0)
+    system_metrics: bool = option(True, "log CPU, memory, disk, network and GPU use to the train run and each "
+                                        "fold run (MLflow's System Metrics tab; ROCKCLS_SYSTEM_METRICS=false "
+                                        "turns it off for every command)")
     seed: int = option(42, "seed of initialisation, sampling and augmentation", min=0)
     split_seed: int = option(42, "seed of the fold split (members of one ensemble share it)", min=0)
     experiment: str = option("", f"MLflow experiment; {EXPERIMENT_DEFAULT}")

@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls.core import names, secrets
 from rockcls.core.errors import ConfigError, RockclsError, RunStopped  # noqa: E402
+
+log = logging.getLogger("rockcls")
 
 DEFAULT_EXPERIMENT = "rockcls"
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment
@@ -304,6 +307,53 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = No
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
     _retry(client().log_batch, run_id, metrics=batch)
+
+
+def log_linked_metrics(run_id: str, metrics: Mapping[str, float], *, dataset_name: str, dataset_digest: str,
+                       model_id: str | None) -> None:
+    """Metrics of an evaluation, linked to the dataset they were measured on and, when there is
+    one, the logged model they measure (MLflow 3 shows them on the model's page)."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0, model_id=model_id, dataset_name=dataset_name, dataset_digest=dataset_digest)
+             for k, v in metrics.items()]
+    _retry(client().log_batch, run_id, metrics=batch)
+
+
+SYSTEM_METRICS_ENV = "ROCKCLS_SYSTEM_METRICS"
+SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"  # MLflow's own setting
+SYSTEM_METRICS_INTERVAL = 10.0  # seconds: a point every 10 s, and one more as the run ends
+
+
+def system_metrics_on(enabled: bool = True) -> bool:
+    """Whether a run logs system metrics: ``enabled`` (a command's switch) and not turned off for
+    every command by ``ROCKCLS_SYSTEM_METRICS=false``."""
+    return enabled and os.environ.get(SYSTEM_METRICS_ENV, "").strip().lower() not in ("0", "false", "off", "no")
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, *, label: str = "", enabled: bool = True, resume: bool = False) -> Iterator[None]:
+    """MLflow's system-metrics monitor (CPU, memory, disk, network, NVIDIA GPUs) on ``run_id``
+    while the block runs: its System Metrics tab. ``label`` names the process's device or node in
+    the metric names (``system/<label>/cpu_utilization_percentage``) when several processes log to
+    one run or its folds. Every run gets at least one point: the last sample is logged as it ends."""
+    if not system_metrics_on(enabled):
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, samples_before_logging=1,
+                                   resume_logging=resume, node_id=label or None, tracking_uri=tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+        except Exception as exc:  # noqa: BLE001 - system metrics never fail the run they describe
+            log.debug("system metrics: last sample not logged (%s)", exc)
+        monitor.finish()
 
 
 def metric_steps(run_id: str, key: str) -> list[int]:

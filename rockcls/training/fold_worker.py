@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RockclsError(f"fold {args.fold}: the data under {cfg.data} changed since run {args.parent} "
                            f"started (split fingerprint {plan.derived['split_fingerprint']} != {expected})")
     plan.source = open_source(plan.index, cfg=cfg)
-    run_fold(plan, args.parent, args.fold, None)
+    run_fold(plan, args.parent, args.fold, None, label=(args.device or cfg.device).replace(":", ""))
     return 0
 
 

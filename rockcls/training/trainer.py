@@ -42,8 +42,8 @@ from rockcls.data.index import (
 from rockcls.data.sources import ImageDataset, open_source, validate_images
 from rockcls.training.checkpoint import (
     load_checkpoint,
-    save_checkpoint,
     load_weights,
+    save_checkpoint,
     write_npz_atomic,
 )
 from rockcls.training import distributed
@@ -212,7 +212,7 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: st
     plan.kind = kind
     cfg = plan.cfg
     run_id = from_main(dist, lambda: open_train_run(plan, parent_run_id=parent_run_id, kind=kind, tags=tags))
-    with closing_on_main(dist, run_id):
+    with closing_on_main(dist, run_id), system_metrics_on_main(dist, run_id, cfg, resume=bool(cfg.resume)):
         if cfg.devices:
             fold_results = run_folds_in_processes(cfg, run_id, plan.folds_to_run, parse_devices(cfg.devices))
         else:
@@ -222,6 +222,14 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: st
             plan.source = plan.source or open_source(plan.index, cfg=cfg)
             run_fold(plan, run_id, cfg.folds, None, kind="full")
         return from_main(dist, lambda: finish_train_run(plan, run_id, fold_results))
+
+
+def system_metrics_on_main(dist: Dist, run_id: str, cfg: TrainConfig, *, label: str = "", resume: bool = False):
+    """MLflow's system metrics on ``run_id`` from rank 0 (under torchrun the other ranks' machines
+    are not sampled); ``label`` names a fold process's device when folds run in processes."""
+    if not dist.main:
+        return contextlib.nullcontext()
+    return tracking.system_metrics(run_id, label=label, enabled=cfg.system_metrics, resume=resume)
 
 
 def closing_on_main(dist: Dist, run_id: str):
@@ -392,18 +400,22 @@ class FoldState:
     stale_epochs: int = 0  # epochs since best_epoch
 
 
-def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None, kind: str = "fold") -> dict:
+def run_fold(plan: Plan, parent_id: str, fold: int, on_epoch_end: EpochHook | None, kind: str = "fold",
+             label: str = "") -> dict:
     """Train one fold in its own child run, or collect it if a previous attempt finished it.
 
     ``kind`` full: the network fitted on every image (``fold`` = the number of folds), with the same
-    recipe and epochs; nothing is held out, so it has no validation and no OOF logits."""
+    recipe and epochs; nothing is held out, so it has no validation and no OOF logits. ``label``
+    names this process's device in the fold run's system metrics (a fold process of --devices)."""
     dist = plan.dist
     fold_run, done = from_main(dist, lambda: find_fold_run(parent_id, fold, kind))
     if done:
         log.info("%s already finished in run %s: skipped", fold_label(fold, kind), fold_run)
         return from_main(dist, lambda: load_fold_result(fold_run)) if kind == "fold" else {}
+    resumed = fold_run is not None
     fold_run = from_main(dist, lambda: open_fold_run(plan, parent_id, fold, fold_run, kind))
-    with closing_on_main(dist, fold_run):
+    with closing_on_main(dist, fold_run), system_metrics_on_main(dist, fold_run, plan.cfg, label=label,
+                                                                 resume=resumed):
         return FoldTrainer(plan, parent_id, fold, fold_run).fit(on_epoch_end)
 
 
