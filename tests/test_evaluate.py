@@ -59,7 +59,8 @@ def test_an_evaluation_run_scores_a_registered_model_and_links_metrics_to_it(cha
     assert 0 <= m["ece"] <= 1 and all(f"f1.{c}" in m for c in table["label"].unique())
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(m)  # System Metrics tab
     artifacts = set(tracking.list_artifacts(run.info.run_id))
-    assert {"predictions.csv", "per_class.csv", "confusion_matrix.png", "reliability.png", "problems.tsv",
+    assert {"predictions.csv", "per_class.csv", "confusion_matrix_rows.png", "confusion_matrix.png", "reliability.png",
+            "per_class_metrics.csv", "problems.tsv",
             "confidently_wrong.png", "confidently_wrong.csv"} <= artifacts
     problems = tracking.download(run.info.run_id, "problems.tsv").read_text()
     assert "granite" in problems and "gone.png" in problems and "junk.png" in problems

@@ -173,7 +173,7 @@ def describe(cfg: EvaluateConfig, predictor: Predictor, tta: str, scores: Scores
     return (f"**Evaluation** of `{cfg.model}` ({len(predictor.models)} network(s) from {predictor.source}, TTA {tta}) "
             f"on `{cfg.data}`: macro-F1 **{m['macro_f1']:.4f}**, accuracy {m['accuracy']:.4f}, log loss "
             f"{m['log_loss']:.4f}, ECE {m['ece']:.4f} on {n} images ({left_out} left out: `problems.tsv`).\n\n"
-            f"Artifacts: `predictions.csv`, `per_class.csv`, `confusion_matrix.png`, `reliability.png` and the "
+            f"Artifacts: `predictions.csv`, `per_class.csv`, `confusion_matrix_rows.png`, `reliability.png` and the "
             f"gallery of the most confidently wrong images (`confidently_wrong.png`).\n\nRepeat it:\n\n```\n{command}\n```")
 
 
@@ -208,7 +208,7 @@ def log_evaluation(run_id: str, cfg: EvaluateConfig, index: DatasetIndex, pred: 
     tracking.log_text(run_id, scores.per_class.to_csv(index=False), "per_class.csv")
     tracking.log_figure(run_id, confusion_figure(labels, probs.argmax(1), index.classes,
                                                  f"{dataset_name}: counts, colour = row share"),
-                        "confusion_matrix.png")
+                        "confusion_matrix_rows.png")  # MLflow's evaluator writes confusion_matrix.png
     tracking.log_figure(run_id, reliability_figure(labels, probs, f"ECE {scores.metrics['ece']:.3f}"),
                         "reliability.png")
     if left_out:
