@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from rockcls.core import devices, names, secrets
-from rockcls.core.config import AUTO_LR_PRETRAINED, build_config
+from rockcls.core.config import AUTO_LR_PRETRAINED, TrainConfig, build_config, config_from_args
 from rockcls.core.entry import run_command
 from rockcls.core.errors import ConfigError
 from rockcls.core.processes import stop_process_group, wait_for_http
@@ -675,12 +675,141 @@ def test_pruning_steps_keep_folds_apart_and_skip_the_last_epoch(monkeypatch):
         pruned(1, 0, {"val_macro_f1": 0.5})
 
 
+def test_wilcoxon_reporter_reports_each_fold_once_on_its_index_and_asks_only_between_folds(monkeypatch):
+    monkeypatch.setattr(search_trial, "find_trial_run", lambda *_: None)
+    trial = FoldValues()
+    reporter = search_trial.FoldReporter(trial, folds=3, epochs=2, study_run_id="x", select="last")
+    for fold, scores in enumerate([(0.4, 0.6), (0.7, 0.5), (0.3, 0.8)]):
+        for epoch, value in enumerate(scores):
+            reporter(fold, epoch, {"val_macro_f1": value})
+    reporter.finish()
+    assert trial.values == {0: 0.6, 1: 0.5, 2: 0.8}, "step = fold, value = the kept (last) epoch's"
+    assert trial.asked == [0, 1], "asked between folds, never after the last"
+    assert reporter.epochs_run == 6
+
+    best = FoldValues()
+    early = search_trial.FoldReporter(best, folds=3, epochs=3, study_run_id="x", select="best")
+    for fold, epoch, value in [(0, 0, 0.5), (0, 1, 0.7), (0, 2, 0.6), (1, 0, 0.4), (2, 0, 0.2), (2, 1, 0.3)]:
+        early(fold, epoch, {"val_macro_f1": value})  # folds 1 and 2 stopped early
+    assert best.values == {0: 0.7, 1: 0.4} and best.asked == [0, 1]
+    early.finish()
+    assert best.values == {0: 0.7, 1: 0.4, 2: 0.3} and best.asked == [0, 1], "the last fold: reported, not asked"
+
+
+class FoldValues(FakeTrial):
+    def __init__(self):
+        super().__init__()
+        self.values = {}
+
+    def report(self, value: float, step: int) -> None:
+        assert step not in self.values, "Wilcoxon warns about a step reported twice"
+        self.values[step] = value
+        super().report(value, step)
+
+
+def wilcoxon_study(search_backbone: str = "") -> optuna.Study:
+    """Three complete trials with per-fold scores: test_vit at about 0.9, test_efficientnet at
+    about 0.4 (their best at 0.42 on every fold)."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import create_trial
+
+    tune_cfg = search_space.TuneConfig(pruner="wilcoxon", search_backbone=search_backbone)
+    study = optuna.create_study(direction="maximize", pruner=search_space.build_pruner(tune_cfg, steps=3))
+    dist = {"backbone": CategoricalDistribution(["test_vit", "test_efficientnet"])}
+    for label, folds in [("test_vit", (0.9, 0.88, 0.91)), ("test_efficientnet", (0.42, 0.42, 0.42)),
+                         ("test_efficientnet", (0.38, 0.4, 0.36))]:
+        study.add_trial(create_trial(params={"backbone": label}, distributions=dist, value=sum(folds) / 3,
+                                     intermediate_values=dict(enumerate(folds))))
+    return study
+
+
+def run_folds(study: optuna.Study, backbone: str, folds: tuple[float, ...], search_backbone: str = "") -> TrialState:
+    """One trial of ``backbone`` through the Wilcoxon reporter (one epoch per fold), told to ``study``."""
+    plan = search_space.StudyPlan(build_config(TrainConfig, {"folds": 3, "epochs": 1}),
+                                  search_space.TuneConfig(pruner="wilcoxon", search_backbone=search_backbone),
+                                  [], "s", "")
+    study.enqueue_trial({"backbone": backbone})
+    trial = study.ask()
+    assert trial.suggest_categorical("backbone", ["test_vit", "test_efficientnet"]) == backbone
+    reporter = search_trial.build_reporter(trial, plan, study_run_id="")
+    reporter.run_id = ""  # no MLflow run behind this trial
+    try:
+        for fold, value in enumerate(folds):
+            reporter(fold, 0, {"val_macro_f1": value})
+        reporter.finish()
+    except optuna.TrialPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED
+    study.tell(trial, sum(folds) / len(folds))
+    return TrialState.COMPLETE
+
+
+def test_wilcoxon_prunes_a_clearly_worse_trial_after_two_folds_and_keeps_a_good_one():
+    study = wilcoxon_study()
+    assert run_folds(study, "test_vit", (0.5, 0.45, 0.5)) == TrialState.PRUNED
+    pruned = study.get_trials()[-1]
+    assert pruned.intermediate_values == {0: 0.5, 1: 0.45}, "stopped between fold 1 and fold 2"
+    assert run_folds(study, "test_vit", (0.92, 0.9, 0.9)) == TrialState.COMPLETE
+    assert run_folds(study, "test_vit", (0.89, 0.95, 0.9)) == TrialState.COMPLETE, "worse on one fold only"
+
+
+def test_wilcoxon_with_a_searched_backbone_compares_with_the_best_trial_of_the_same_backbone():
+    """test_efficientnet at 0.5, 0.45 is far behind the best trial (test_vit) but ahead of its own kind."""
+    assert run_folds(wilcoxon_study(), "test_efficientnet", (0.5, 0.45, 0.5)) == TrialState.PRUNED
+    searched = "test_vit,test_efficientnet"
+    assert run_folds(wilcoxon_study(searched), "test_efficientnet", (0.5, 0.45, 0.5), searched) == TrialState.COMPLETE
+    assert run_folds(wilcoxon_study(searched), "test_efficientnet", (0.3, 0.35, 0.4), searched) == TrialState.PRUNED
+
+
+def test_wilcoxon_needs_a_p_threshold_its_folds_can_reach():
+    search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=3)
+    search_space.check_pruner(search_space.TuneConfig(pruner="median", pruner_p=0.01), folds=1)
+    with pytest.raises(ConfigError, match=r"pruner: wilcoxon .* give --folds 3 or more \(got 2\)"):
+        search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=2)
+    with pytest.raises(ConfigError, match=r"pruner_p: with 3 folds .* smallest p-value \(every fold worse\) is 0.25"):
+        search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.2), folds=3)
+    search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.1), folds=5)
+    with pytest.raises(ConfigError, match="pruner_p: must be < 1.0"):
+        build_config(search_space.TuneConfig, {"pruner_p": "1"})
+
+
+def test_wilcoxon_study_with_two_workers_reports_one_value_per_fold(mlflow_store, tmp_path, data_dir):
+    base, fixed = search_space.build_search_config(dict(
+        data=str(data_dir), backbone="test_efficientnet", pretrained=False, img_size=32, folds=3, epochs=1,
+        batch_size=16, num_workers=0, hn_memory=32, warmup_epochs=0.5, tta="none"))
+    tune_cfg = build_config(search_space.TuneConfig, dict(trials=2, devices="cpu,cpu", pruner="wilcoxon",
+                                                       pruner_p="0.4", top_k=0))
+    outcome = search_study.run_study(base, tune_cfg, fixed)
+    assert outcome.worker_codes == [0, 0]
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    client = MlflowClient()
+    runs = trial_runs(client, outcome.study_run_id)
+    for t in trials:
+        assert sorted(t.intermediate_values) == [0, 1, 2], "one value per fold, keyed by the fold index"
+        assert t.user_attrs[search_space.EPOCHS] == 3
+        folds = client.search_runs([runs[t.number].info.experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{runs[t.number].info.run_id}'")
+        scores = {int(r.data.tags[names.FOLD]): r.data.metrics["val_macro_f1"] for r in folds}
+        assert t.intermediate_values == pytest.approx(scores), "each fold's own val macro-F1"
+        assert runs[t.number].data.tags[names.EPOCHS_RUN] == "3"
+    params = client.get_run(outcome.study_run_id).data.params
+    assert (params["pruner"], params["pruner_p"]) == ("wilcoxon", "0.4")
+    assert outcome.epochs_run == 6
+
+
 def test_bad_tune_values_end_as_one_line_errors(mlflow_store, data_dir, capsys):
     argv = ["--data", str(data_dir), *TRAIN_ARGS]
     assert run_command(tune.main, [*argv, "--search-hn-ratio", "0:2"]) == 2
     assert capsys.readouterr().err.strip() == "rockcls: error: search_hn_ratio: must be <= 1.0, got 2.0"
     assert run_command(tune.main, [*argv, "--pruner", "random"]) == 2
-    assert "rockcls: error: pruner: must be one of median, hyperband, none; got 'random'" in capsys.readouterr().err
+    assert ("rockcls: error: pruner: must be one of median, hyperband, wilcoxon, none; got 'random'"
+            in capsys.readouterr().err)
+    assert run_command(tune.main, [*argv, "--pruner", "wilcoxon"]) == 2  # tune's folds default to 1
+    assert capsys.readouterr().err.strip() == ("rockcls: error: pruner: wilcoxon compares per-fold scores and can "
+                                               "first prune after 2 folds, before a third: give --folds 3 or more "
+                                               "(got 1)")
     assert run_command(tune.main, [*argv, "--storage", "mysql://nobody@127.0.0.1:1/x"]) == 2
     assert capsys.readouterr().err.startswith("rockcls: error: storage: cannot open mysql://nobody@127.0.0.1:1/x")
 
@@ -843,6 +972,17 @@ def test_study_over_two_backbones_trains_both_and_ensembles_them(mlflow_store, d
     assert run_command(tune.main, other) == 2
     assert ("(space.backbone: 'test_vit,test_efficientnet@48' -> 'test_vit,test_efficientnet')"
             in capsys.readouterr().err)
+
+
+def test_mlproject_tune_passes_the_pruner_and_its_p_threshold_and_an_empty_one_means_the_default():
+    from mlflow.projects import _project_spec
+
+    entry = _project_spec.load_project(str(ROOT)).get_entry_point("tune")
+    for given, expected in [({}, ("median", search_space.TuneConfig().pruner_p)),
+                            ({"pruner": "wilcoxon", "pruner_p": "0.2"}, ("wilcoxon", 0.2))]:
+        args = shlex.split(entry.compute_command({"data": "/d", **given}, storage_dir=None))[2:]
+        tune_cfg = config_from_args(search_space.TuneConfig, tune.build_parser().parse_args(args))
+        assert (tune_cfg.pruner, tune_cfg.pruner_p) == expected
 
 
 def test_mlproject_tune_passes_search_backbone_and_an_empty_one_means_not_searched():

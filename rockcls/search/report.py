@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from rockcls.core import names, secrets, tracking
 from rockcls.runs import ensemble
 from rockcls.runs.registry import register_ensemble
-from rockcls.search.space import FINISHED, RUN_ID, StudyPlan, describe_study, fmt_value
+from rockcls.search.space import FINISHED, RUN_ID, StudyPlan, describe_study, epochs_run, fmt_value
 
 log = logging.getLogger("rockcls")
 
@@ -68,8 +68,8 @@ def summarise(study: optuna.Study, plan: StudyPlan, study_run_id: str) -> StudyO
     finished = [t for t in trials if t.state in FINISHED]
     pruned = [t for t in finished if t.state == TrialState.PRUNED]
     out = StudyOutcome(plan.study_name, secrets.mask_url(plan.storage_url), study_run_id, plan.tune.trials, counts,
-                       epochs_run=sum(len(t.intermediate_values) for t in finished),
-                       epochs_saved=sum(plan.steps - len(t.intermediate_values) for t in pruned))
+                       epochs_run=sum(epochs_run(t) for t in finished),
+                       epochs_saved=sum(plan.steps - epochs_run(t) for t in pruned))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
         best = max(complete, key=lambda t: t.value)

@@ -30,7 +30,10 @@ from rockcls.core.errors import ConfigError
 from rockcls.search.pruning import SameParamPruner
 from rockcls.training.models import check_backbone
 
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "hyperband", "wilcoxon", "none")
+
+# Wilcoxon's per-fold test needs two finished folds before it can act and never acts after the last.
+WILCOXON_MIN_FOLDS = 3
 
 # The searched backbone's parameter name: each choice is an entry of --search-backbone.
 BACKBONE = "backbone"
@@ -80,6 +83,9 @@ class TuneConfig:
     pruner_startup: int = option(3, "completed trials (of the same backbone, when searched) before the median "
                                     "pruner prunes", min=0)
     pruner_warmup: int = option(1, "epochs of the first fold before the median pruner prunes", min=0)
+    pruner_p: float = option(0.3, "wilcoxon: prune a trial when its fold scores are below the best trial's at "
+                                  "this one-sided p-value (all folds worse: p = 0.25 after 2 folds, 0.125 after 3)",
+                             gt=0.0, lt=1.0)
     heartbeat: int = option(30, "seconds between heartbeats of a running trial; stale (retried) after 2x", min=1)
     retries: int = option(2, "new attempts of a slot whose trial raised or whose worker died", min=0)
 
@@ -386,17 +392,55 @@ def build_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
 
 
 def build_base_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """``steps``: the epochs of a trial (median, hyperband report each epoch; wilcoxon each fold)."""
     if tune.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup, n_warmup_steps=tune.pruner_warmup)
     if tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 1), reduction_factor=3)
+    if tune.pruner == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=tune.pruner_p, n_startup_steps=2)
     return optuna.pruners.NopPruner()
+
+
+def check_pruner(tune: TuneConfig, folds: int) -> None:
+    """Wilcoxon pairs the trial's fold scores with the best trial's; it can prune before fold j+1
+    (j >= 2 finished folds) only if p_threshold exceeds 2**-j, the p-value of j folds all worse."""
+    if tune.pruner != "wilcoxon":
+        return
+    if folds < WILCOXON_MIN_FOLDS:
+        raise ConfigError(f"pruner: wilcoxon compares per-fold scores and can first prune after 2 folds, before "
+                          f"a third: give --folds {WILCOXON_MIN_FOLDS} or more (got {folds})")
+    smallest = 2.0 ** -(folds - 1)
+    if tune.pruner_p <= smallest:
+        raise ConfigError(f"pruner_p: with {folds} folds wilcoxon decides at most after {folds - 1} finished folds, "
+                          f"where the smallest p-value (every fold worse) is {smallest:g}: give a p above "
+                          f"{smallest:g} or more folds (got {tune.pruner_p:g})")
+
+
+def pruner_params(tune: TuneConfig) -> dict[str, Any]:
+    """The pruner and its settings, as the study run logs them."""
+    settings = {"median": {"pruner_startup": tune.pruner_startup, "pruner_warmup": tune.pruner_warmup},
+                "wilcoxon": {"pruner_p": tune.pruner_p}}
+    return {"pruner": tune.pruner, **settings.get(tune.pruner, {})}
+
+
+def reports_folds(tune: TuneConfig) -> bool:
+    """Whether trials report one score per fold (step = fold) rather than one per epoch."""
+    return tune.pruner == "wilcoxon"
 
 
 ATTR_RUN, ATTR_IDENTITY, ATTR_READY = "rockcls.study_run_id", "rockcls.identity", "rockcls.ready"
 
 
 SLOT, ATTEMPT, RUN_ID, REASON = "rockcls.slot", "rockcls.attempt", "rockcls.run_id", names.FAIL_REASON
+
+# Epochs a trial trained (user attribute): its intermediate values count folds under wilcoxon.
+EPOCHS = "rockcls.epochs"
+
+
+def epochs_run(trial: optuna.trial.FrozenTrial) -> int:
+    """Epochs the trial trained (studies from before the attribute: one intermediate value per epoch)."""
+    return int(trial.user_attrs.get(EPOCHS, len(trial.intermediate_values)))
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

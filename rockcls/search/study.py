@@ -10,8 +10,9 @@ heartbeat) is FAILED and queued again with the same parameters.
 
 Each trial is one `rockcls.training.trainer.run_training` call: its train run (kind ``trial``) nests under
 the study's MLflow run, reports validation macro-F1 on step ``fold * epochs + epoch`` (so the
-pruner compares like with like; with a searched backbone, only among trials of that backbone), and
-stops at once when pruned (MLflow status KILLED)."""
+pruner compares like with like; with a searched backbone, only among trials of that backbone), or
+under the Wilcoxon pruner each fold's score on step ``fold``, and stops at once when pruned (MLflow
+status KILLED)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from rockcls.search.space import (
     backbone_dimension,
     backbone_label,
     build_search_space,
+    check_pruner,
     default_study_name,
     quiet_optuna,
     study_identity,
@@ -64,6 +66,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     warn_visible_password(tune.storage)
     devices = parse_devices(tune.devices)
     space = build_search_space(tune, base, fixed)
+    check_pruner(tune, base.folds)
     check_fixed_backbone(base, space)
     index = training.load_dataset(base)  # bad data fails here once, not in every trial
     make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.split_seed)

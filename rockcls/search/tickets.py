@@ -27,6 +27,7 @@ from rockcls.search.space import (
     baseline_params,
     describe_study,
     opening_params,
+    pruner_params,
 )
 
 log = logging.getLogger("rockcls")
@@ -102,7 +103,7 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
                                 tags=tags, adopt_env_run=True)
     tracking.log_params(run_id, {**{f"search.{d.name}": d.describe() for d in space},
                                  **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
-                                 "study_name": plan.study_name, "pruner": plan.tune.pruner,
+                                 "study_name": plan.study_name, **pruner_params(plan.tune),
                                  "direction": "maximize", "objective": "cv_macro_f1"})
     tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
     tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")

@@ -1,4 +1,4 @@
-"""One trial: a train run under the study run, its val macro-F1 reported to the pruner after every epoch, its outcome recorded on the trial and its run."""
+"""One trial: a train run under the study run, its val macro-F1 reported to the pruner after every epoch (or, under wilcoxon, its score after every fold), its outcome recorded on the trial and its run."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from rockcls.core import names, tracking
 from rockcls.core.errors import RunStopped
 from rockcls.search.space import (
     ATTEMPT,
+    EPOCHS,
     FINISHED,
     REASON,
     RUN_ID,
     SLOT,
     StudyPlan,
+    epochs_run,
     fmt_value,
+    reports_folds,
     train_overrides,
 )
 from rockcls.search.storage import find_trial_run
@@ -41,21 +44,76 @@ class EpochReporter:
     would prune a finished trial)."""
 
     def __init__(self, trial: optuna.Trial, *, folds: int, epochs: int, study_run_id: str):
-        self.trial, self.epochs, self.study_run_id = trial, epochs, study_run_id
+        self.trial, self.folds, self.epochs, self.study_run_id = trial, folds, epochs, study_run_id
         self.last_step = folds * epochs - 1
         self.run_id: str | None = None
+        self.epochs_run = 0
 
     def __call__(self, fold: int, epoch: int, metrics: dict[str, float]) -> None:
         step = fold * self.epochs + epoch
         value = float(metrics["val_macro_f1"])
+        self.epochs_run += 1
         self.trial.report(value, step)
+        self.log_epoch(step, value)
+        if step < self.last_step and self.trial.should_prune():
+            raise PrunedTrial(f"fold {fold} epoch {epoch}: val macro-F1 {value:.4f}")
+
+    def log_epoch(self, step: int, value: float) -> None:
         if self.run_id is None:
             run = find_trial_run(self.study_run_id, self.trial.number)
             self.run_id = run.info.run_id if run else None
         if self.run_id:
             tracking.log_metrics(self.run_id, {"val_macro_f1": value}, step=step)
-        if step < self.last_step and self.trial.should_prune():
-            raise PrunedTrial(f"fold {fold} epoch {epoch}: val macro-F1 {value:.4f}")
+
+    def finish(self) -> None:
+        """After the last fold: nothing left to report per epoch."""
+
+
+class FoldReporter(EpochReporter):
+    """``on_epoch_end`` hook for the Wilcoxon pruner, which pairs per-instance scores across
+    trials: each fold's score (val macro-F1 of the epoch it keeps, by ``select``) is reported once,
+    on step = fold index, when the fold ends; the trial is asked between folds, never after the
+    last one. A fold ends at its last epoch, or, stopped early, when the next fold's first epoch
+    arrives (then that epoch is spent before the question). Every epoch is still logged on the
+    trial run, on step fold * epochs + epoch."""
+
+    def __init__(self, trial: optuna.Trial, *, folds: int, epochs: int, study_run_id: str, select: str):
+        super().__init__(trial, folds=folds, epochs=epochs, study_run_id=study_run_id)
+        self.select = select
+        self.fold, self.scores = -1, []
+
+    def __call__(self, fold: int, epoch: int, metrics: dict[str, float]) -> None:
+        value = float(metrics["val_macro_f1"])
+        self.epochs_run += 1
+        self.log_epoch(fold * self.epochs + epoch, value)
+        if fold != self.fold:
+            self.end_fold()
+            self.fold = fold
+        self.scores.append(value)
+        if epoch == self.epochs - 1:
+            self.end_fold()
+
+    def end_fold(self) -> None:
+        if not self.scores:
+            return
+        score = max(self.scores) if self.select == "best" else self.scores[-1]
+        fold, self.scores = self.fold, []
+        self.trial.report(score, fold)
+        if fold < self.folds - 1 and self.trial.should_prune():
+            raise PrunedTrial(f"after fold {fold}: fold macro-F1 {score:.4f}, behind the best trial's folds")
+
+    def finish(self) -> None:
+        """The last fold, if it stopped early (its score is reported; no question is asked)."""
+        self.end_fold()
+
+
+def build_reporter(trial: optuna.Trial, plan: StudyPlan, study_run_id: str) -> EpochReporter:
+    """Per fold under wilcoxon, per epoch otherwise."""
+    base = plan.base
+    if reports_folds(plan.tune):
+        return FoldReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=study_run_id,
+                            select=base.select)
+    return EpochReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=study_run_id)
 
 
 class Objective:
@@ -68,7 +126,7 @@ class Objective:
         trial.set_user_attr(names.WORKER, f"{socket.gethostname()}:{os.getpid()}")
         params = {d.name: d.suggest(trial) for d in self.space}
         base = self.plan.base
-        reporter = EpochReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=self.study_run_id)
+        reporter = build_reporter(trial, self.plan, self.study_run_id)
         tags = {names.TRIAL: str(trial.number), names.STUDY: self.plan.study_name,
                 SLOT: str(trial.user_attrs.get(SLOT, "")), ATTEMPT: str(trial.user_attrs.get(ATTEMPT, ""))}
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items()))
@@ -76,12 +134,14 @@ class Objective:
             cfg = training.with_overrides(base, **train_overrides(self.space, params))
             result = training.run_training(cfg, parent_run_id=self.study_run_id, kind="trial", tags=tags,
                                            on_epoch_end=reporter)
+            reporter.finish()
         except optuna.TrialPruned:
             raise
         except Exception as exc:
             trial.set_user_attr(REASON, failure_reason(exc))
             raise
         finally:
+            trial.set_user_attr(EPOCHS, reporter.epochs_run)
             release_memory()
         trial.set_user_attr(RUN_ID, result.run_id)
         return result.cv_macro_f1
@@ -115,13 +175,13 @@ class TrialRecorder:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         run_id = self.trial_run(trial)
         reason = trial.user_attrs.get(REASON, "")
-        tags = {names.TRIAL_STATE: trial.state.name, names.EPOCHS_RUN: str(len(trial.intermediate_values)),
+        tags = {names.TRIAL_STATE: trial.state.name, names.EPOCHS_RUN: str(epochs_run(trial)),
                 names.RUN_NAME: f"trial-{trial.number}"}
         tracking.set_tags(run_id, {**tags, **({REASON: reason} if reason else {})})
         if trial.state != TrialState.COMPLETE:
             shutil.rmtree(training.run_dir(self.plan.base, run_id), ignore_errors=True)
         detail = f"value {trial.value:.4f}" if trial.state == TrialState.COMPLETE else (
-            reason or f"after {len(trial.intermediate_values)} of {self.plan.steps} epochs")
+            reason or f"after {epochs_run(trial)} of {self.plan.steps} epochs")
         log.info("trial %d %s (%s), run %s", trial.number, trial.state.name, detail, run_id)
         log_progress(study, self.study_run_id)
         if trial.state == TrialState.FAIL:
