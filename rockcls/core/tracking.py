@@ -347,13 +347,15 @@ def system_metrics(run_id: str, *, label: str = "", enabled: bool = True, resume
     monitor.start()
     try:
         yield
-    finally:
-        try:
-            monitor.collect_metrics()
-            monitor.publish_metrics(monitor.aggregate_metrics())
-        except Exception as exc:  # noqa: BLE001 - system metrics never fail the run they describe
-            log.debug("system metrics: last sample not logged (%s)", exc)
-        monitor.finish()
+    except BaseException:
+        monitor.finish()  # no last sample: a failing run ends as fast as it can
+        raise
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+    except Exception as exc:  # noqa: BLE001 - system metrics never fail the run they describe
+        log.debug("system metrics: last sample not logged (%s)", exc)
+    monitor.finish()
 
 
 def metric_steps(run_id: str, key: str) -> list[int]:

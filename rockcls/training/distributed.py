@@ -132,6 +132,9 @@ def sigterm_raises() -> Iterator[None]:
 
 
 def _raise_terminated(signum, frame) -> None:
+    # Once: a second SIGTERM (torchrun may repeat it) must not interrupt the clean-up that ends
+    # the runs FAILED; SIGKILL is the way to force.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated("terminated by SIGTERM (under torchrun: another rank failed, or the job was stopped)")
 
 
