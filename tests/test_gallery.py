@@ -117,3 +117,21 @@ def test_only_the_process_that_owns_a_fold_run_logs_its_galleries(mlflow_store, 
             keys = image_keys(client, run.info.run_id)  # once per step: rank 0 alone under torchrun
             assert keys == {"hardest_oof": [1], "hardest_val": [0, 1], "hn_memory": [0, 1]}
             assert len(read_table(client, run.info.run_id, "hard_examples/hardest_oof.csv", tmp_path)) == 4
+
+
+def test_a_gallery_logged_again_at_the_same_step_is_not_logged_twice(mlflow_store):
+    """What a fold resumed inside its last step does: the gallery it had logged stays the only one."""
+    from rockcls.core import tracking
+
+    class Source:
+        def read(self, row):
+            return np.full((20, 20, 3), 40 * row, dtype=np.uint8)
+
+    run_id = tracking.start_run(experiment="gallery", name="g", kind="fold")
+    examples = [gallery.Example(i, f"/x/{i}.png", "a", "b", 0.9, 2.0) for i in range(3)]
+    for step in (0, 0, 1):
+        gallery.log_gallery(run_id, Source(), examples, key="hardest_oof", step=step, table_file="t.csv")
+    names = [p.rsplit("/", 1)[-1] for p in tracking.list_artifacts(run_id, "images")]
+    steps = sorted(n.split("+")[2] for n in names if n.endswith(".png") and "compressed" not in n)
+    assert steps == ["0", "1"], names
+    tracking.end_run(run_id)

@@ -147,7 +147,7 @@ def log_gallery(run_id: str, source: Any, examples: Sequence[Example], *, key: s
                 table_file: str, image_file: str = "") -> None:
     """Read the examples' images from ``source`` (``read(row)``: RGB uint8), draw the grid and log
     it under ``key`` at ``step`` (and as ``image_file`` too, if given) with its table ``table_file``."""
-    if not examples:
+    if not examples or tracking.has_image(run_id, key=key, step=step):  # none, or logged before a resume
         return
     grid = render([_read(source, e.row) for e in examples], [captions(e) for e in examples])
     tracking.log_image(run_id, grid, key=key, step=step)

@@ -387,6 +387,13 @@ def log_image(run_id: str, image, *, key: str, step: int) -> None:
     _retry(client().log_image, run_id, image, key=key, step=step, synchronous=True)
 
 
+def has_image(run_id: str, *, key: str, step: int) -> bool:
+    """Whether ``run_id`` already shows an image under ``key`` at ``step`` (a resumed run must not
+    log it twice: MLflow names each logged image with a fresh uuid)."""
+    prefix = f"{key.replace('/', '~')}+step+{step}+"
+    return any(path.rsplit("/", 1)[-1].startswith(prefix) for path in list_artifacts(run_id, "images"))
+
+
 def log_image_file(run_id: str, image, artifact_file: str) -> None:
     """An image (PIL or uint8 array) as the artifact ``artifact_file`` (a ``.png``)."""
     _retry(client().log_image, run_id, image, artifact_file=artifact_file)
