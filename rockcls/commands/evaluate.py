@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
 
 from rockcls.commands.predict import load_predictor
@@ -185,7 +187,10 @@ def mlflow_classifier_evaluation(run_id: str, frame: pd.DataFrame, classes: list
 
     data = frame.loc[frame["error"] == "", ["label", "predicted"]]
     dataset = mlflow.data.from_pandas(data, name=dataset_name, targets="label", predictions="predicted")
-    with mlflow.start_run(run_id=run_id):
+    # A class never predicted makes its precision 0 (our per-class table says so); scikit-learn's
+    # warning about it, raised inside MLflow's evaluator, would only repeat that.
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
         mlflow.models.evaluate(data=dataset, model_type="classifier", model_id=model_id,
                                evaluator_config={"label_list": classes, "log_model_explainability": False})
 
