@@ -38,7 +38,7 @@ from rockcls.data.sources import FileSource
 from rockcls.inference.predictor import TTA_CHOICES, Prediction, Predictor
 from rockcls.runs.lookup import parse_model_ref
 from rockcls.training.device import keep_freed_memory, resolve_device
-from rockcls.training.trainer import log_data_input
+from rockcls.training.trainer import dataset_name, log_data_input
 
 log = logging.getLogger("rockcls")
 
@@ -179,14 +179,14 @@ def describe(cfg: EvaluateConfig, predictor: Predictor, tta: str, scores: Scores
             f"gallery of the most confidently wrong images (`confidently_wrong.png`).\n\nRepeat it:\n\n```\n{command}\n```")
 
 
-def mlflow_classifier_evaluation(run_id: str, frame: pd.DataFrame, classes: list[str], dataset_name: str,
+def mlflow_classifier_evaluation(run_id: str, frame: pd.DataFrame, classes: list[str], name: str,
                                  model_id: str | None) -> None:
     """MLflow's default classifier evaluator on the predictions (its metrics, per-class table and
     confusion matrix), in the evaluation run."""
     import mlflow
 
     data = frame.loc[frame["error"] == "", ["label", "predicted"]]
-    dataset = mlflow.data.from_pandas(data, name=dataset_name, targets="label", predictions="predicted")
+    dataset = mlflow.data.from_pandas(data, name=name, targets="label", predictions="predicted")
     # A class never predicted makes its precision 0 (our per-class table says so); scikit-learn's
     # warning about it, raised inside MLflow's evaluator, would only repeat that.
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
@@ -200,19 +200,19 @@ def log_evaluation(run_id: str, cfg: EvaluateConfig, index: DatasetIndex, pred: 
     ok = pred.ok
     labels, probs = index.labels[ok], pred.probs[ok]
     fingerprint = content_fingerprint(index)
-    dataset_name = dataset_label(cfg.data)
+    name = dataset_name(cfg.data)
     model_id = logged_model_id(cfg.model)
     tracking.set_description(run_id, describe(cfg, predictor, tta, scores, int(ok.sum()), len(left_out)))
     log_data_input(run_id, index, cfg.data, fingerprint, context="evaluation")
     tracking.log_params(run_id, {**vars(cfg), "resolved_tta": tta, "num_models": len(predictor.models),
                                  "model_source": predictor.source, "model_id": model_id or ""})
     tracking.log_linked_metrics(run_id, {**scores.metrics, "num_left_out": float(len(left_out))},
-                                dataset_name=dataset_name, dataset_digest=fingerprint, model_id=model_id)
+                                dataset_name=name, dataset_digest=fingerprint, model_id=model_id)
     frame = predictions_table(index, pred)
     tracking.log_text(run_id, frame.to_csv(index=False), "predictions.csv")
     tracking.log_text(run_id, scores.per_class.to_csv(index=False), "per_class.csv")
     tracking.log_figure(run_id, confusion_figure(labels, probs.argmax(1), index.classes,
-                                                 f"{dataset_name}: counts, colour = row share"),
+                                                 f"{name}: counts, colour = row share"),
                         "confusion_matrix_rows.png")  # MLflow's evaluator writes confusion_matrix.png
     tracking.log_figure(run_id, reliability_figure(labels, probs, f"ECE {scores.metrics['ece']:.3f}"),
                         "reliability.png")
@@ -223,13 +223,7 @@ def log_evaluation(run_id: str, cfg: EvaluateConfig, index: DatasetIndex, pred: 
                     key="confidently_wrong", step=0, table_file="confidently_wrong.csv",
                     image_file="confidently_wrong.png")
     if cfg.mlflow_evaluate:
-        mlflow_classifier_evaluation(run_id, frame, list(index.classes), dataset_name, model_id)
-
-
-def dataset_label(data: str) -> str:
-    from pathlib import Path
-
-    return "/".join(Path(data).resolve().parts[-2:])  # as log_data_input names the dataset
+        mlflow_classifier_evaluation(run_id, frame, list(index.classes), name, model_id)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -283,8 +283,14 @@ def log_data_input(run_id: str, index: DatasetIndex, data: str, fingerprint: str
     if len(index) and (index.labels >= 0).all():
         counts = np.bincount(index.labels, minlength=len(index.classes))
         profile.update({f"images.{c}": int(n) for c, n in zip(index.classes, counts)})
-    name = "/".join(path.parts[-2:])  # "lithology/train": the folder alone is often just "train"
-    tracking.log_dataset(run_id, name=name, digest=fingerprint, source=str(path), profile=profile, context=context)
+    tracking.log_dataset(run_id, name=dataset_name(data), digest=fingerprint, source=str(path), profile=profile,
+                         context=context)
+
+
+def dataset_name(data: str) -> str:
+    """The name a dataset input (and any metric linked to it) carries: the data's last two parts,
+    "lithology/train", since the folder alone is often just "train"."""
+    return "/".join(Path(data).resolve().parts[-2:])
 
 
 def describe_train_run(plan: Plan, kind: str, score: float | None = None) -> str:
