@@ -371,5 +371,5 @@ def test_torchrun_settings_that_cannot_work_are_refused_before_any_collective(ml
 def test_devices_refuse_bad_entries_and_an_epoch_hook(mlflow_store, synthetic_dir):
     with pytest.raises(ConfigError, match="devices: 'gpu1' is neither a GPU id"):
         run_training(tiny_config(synthetic_dir, devices="cpu,gpu1"))
-    with pytest.raises(ConfigError, match="devices: an epoch hook"):
+    with pytest.raises(ConfigError, match="devices: an epoch or fold hook"):
         run_training(tiny_config(synthetic_dir, devices="cpu,cpu"), on_epoch_end=lambda *a: None)

@@ -120,6 +120,10 @@ class TrainConfig:
     def uses_pretrained(self) -> bool:
         return bool(self.pretrained or self.pretrained_path)
 
+    def run_dir(self, run_id: str) -> Path:
+        """Where train run ``run_id`` writes its folds' files while they train (resume reads them)."""
+        return Path(self.output_dir) / run_id
+
     def peak_lr(self) -> float:
         """``lr``, or the measured default when it is 0 (docs/benchmarks.md, accuracy ablation): a
         network trained from scratch wants a high rate; pretrained weights are spoiled by one."""
@@ -129,6 +133,12 @@ class TrainConfig:
 
 
 C = TypeVar("C")
+
+
+def with_overrides(cfg: C, **changes: Any) -> C:
+    """A copy of ``cfg`` with ``changes`` applied and checked again, as the command line would."""
+    merged = {**dataclasses.asdict(cfg), **changes, "config": ""}
+    return build_config(type(cfg), merged)
 
 
 def field_map(cls: type) -> dict[str, dataclasses.Field]:

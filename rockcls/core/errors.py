@@ -15,3 +15,10 @@ class DataError(RockclsError):
 
 class RunStopped(Exception):
     """Raised on purpose to stop a run early (a pruned trial): its runs end KILLED, not FAILED."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters; its type name when the
+    message is empty. The one way an exception from a library is shown inside a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rockcls.core import names, tracking
+from rockcls.core.config import with_overrides
 from rockcls.core.errors import RunStopped
 from rockcls.search.space import (
     ATTEMPT,
@@ -27,7 +28,7 @@ from rockcls.search.space import (
 )
 from rockcls.search.storage import find_trial_run
 from rockcls.search.tickets import slot_of
-from rockcls.training import trainer as training
+from rockcls.training.trainer import run_training
 
 log = logging.getLogger("rockcls")
 
@@ -131,8 +132,8 @@ class Objective:
                 SLOT: str(trial.user_attrs.get(SLOT, "")), ATTEMPT: str(trial.user_attrs.get(ATTEMPT, ""))}
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items()))
         try:
-            cfg = training.with_overrides(base, **train_overrides(self.space, params))
-            result = training.run_training(cfg, parent_run_id=self.study_run_id, kind="trial", tags=tags,
+            cfg = with_overrides(base, **train_overrides(self.space, params))
+            result = run_training(cfg, parent_run_id=self.study_run_id, kind="trial", tags=tags,
                                            on_epoch_end=reporter)
             reporter.finish()
         except optuna.TrialPruned:
@@ -179,7 +180,7 @@ class TrialRecorder:
                 names.RUN_NAME: f"trial-{trial.number}"}
         tracking.set_tags(run_id, {**tags, **({REASON: reason} if reason else {})})
         if trial.state != TrialState.COMPLETE:
-            shutil.rmtree(training.run_dir(self.plan.base, run_id), ignore_errors=True)
+            shutil.rmtree(self.plan.base.run_dir(run_id), ignore_errors=True)
         detail = f"value {trial.value:.4f}" if trial.state == TrialState.COMPLETE else (
             reason or f"after {epochs_run(trial)} of {self.plan.steps} epochs")
         log.info("trial %d %s (%s), run %s", trial.number, trial.state.name, detail, run_id)

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import optuna
 
 from rockcls.core import tracking
+from rockcls.core.config import with_overrides
 from rockcls.core.devices import child_device, device_env
 from rockcls.core.processes import interrupt_processes
 from rockcls.search.space import (
@@ -28,7 +29,6 @@ from rockcls.search.space import (
 from rockcls.search.storage import build_storage
 from rockcls.search.tickets import NoTicketLeft, TicketStudy
 from rockcls.search.trial import Objective, TrialRecorder
-from rockcls.training import trainer as training
 
 log = logging.getLogger("rockcls")
 
@@ -37,7 +37,7 @@ def run_worker(plan: StudyPlan, worker: int = 0, device: str | None = None) -> N
     """Run tickets of the study until none is left (or the timeout passes)."""
     quiet_optuna()
     if device:
-        plan = dataclasses.replace(plan, base=training.with_overrides(plan.base, device=device))
+        plan = dataclasses.replace(plan, base=with_overrides(plan.base, device=device))
     storage = build_storage(plan.storage_url, heartbeat=plan.tune.heartbeat, retries=plan.tune.retries)
     probe = optuna.load_study(study_name=plan.study_name, storage=storage)
     study_run_id = probe.user_attrs[ATTR_RUN]

@@ -72,6 +72,7 @@ log = logging.getLogger("rockcls")
 
 
 EpochHook = Callable[[int, int, dict[str, float]], None]
+FoldHook = Callable[[int, float], None]
 
 
 @dataclass
@@ -194,17 +195,19 @@ def describe_weights(cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
 
 def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: str = "train",
                  tags: dict[str, str] | None = None, on_epoch_end: EpochHook | None = None,
-                 dist: Dist = SINGLE) -> TrainResult:
+                 on_fold_end: FoldHook | None = None, dist: Dist = SINGLE) -> TrainResult:
     """Train every fold of ``cfg`` (resuming ``cfg.resume`` if set) and return out-of-fold results.
 
     ``on_epoch_end(fold, epoch, metrics)`` is called after each logged epoch; it may raise to stop
     (`RunStopped`, e.g. a pruned trial, ends the runs as KILLED, anything else as FAILED).
+    ``on_fold_end(fold, oof_macro_f1)`` is called after each fold's result is saved (a fold finished
+    by an earlier attempt included), and may raise the same way.
     With ``cfg.devices`` the folds run concurrently in processes of their own
     (`rockcls.training.parallel`); under torchrun (``dist``) every rank trains each fold together
     and rank 0 alone tracks (`rockcls.training.distributed`).
     """
-    if (cfg.devices or dist.active) and on_epoch_end is not None:
-        raise ConfigError("devices: an epoch hook (a study's pruning) needs the folds in this process; "
+    if (cfg.devices or dist.active) and (on_epoch_end is not None or on_fold_end is not None):
+        raise ConfigError("devices: an epoch or fold hook (a study's pruning) needs the folds in this process; "
                           "leave devices empty (the study runs one trial per device instead)")
     if cfg.resume:
         cfg = from_main(dist, lambda: resumed_config(cfg))
@@ -217,7 +220,11 @@ def run_training(cfg: TrainConfig, *, parent_run_id: str | None = None, kind: st
             fold_results = run_folds_in_processes(cfg, run_id, plan.folds_to_run, parse_devices(cfg.devices))
         else:
             plan.source = open_source(plan.index, cfg=cfg)
-            fold_results = {k: run_fold(plan, run_id, k, on_epoch_end) for k in plan.folds_to_run}
+            fold_results = {}
+            for k in plan.folds_to_run:
+                fold_results[k] = run_fold(plan, run_id, k, on_epoch_end)
+                if on_fold_end is not None:
+                    on_fold_end(k, float(fold_results[k]["score"]))
         if cfg.full_fit:
             plan.source = plan.source or open_source(plan.index, cfg=cfg)
             run_fold(plan, run_id, cfg.folds, None, kind="full")
@@ -367,7 +374,7 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
                         "confusion_matrix.png")
     tracking.set_tags(run_id, {names.COMPLETE: "true"})
     tracking.set_description(run_id, describe_train_run(plan, plan.kind, score))
-    shutil.rmtree(run_dir(plan.cfg, run_id), ignore_errors=True)
+    shutil.rmtree(plan.cfg.run_dir(run_id), ignore_errors=True)
     log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
     return TrainResult(run_id, score, pcf, classes, index.ids, index.labels, plan.fold_of, logits,
                        {k: r["score"] for k, r in fold_results.items()})
@@ -389,10 +396,6 @@ def view_scores(plan: Plan, fold_results: dict[int, dict]) -> dict[str, tuple[fl
 
 def safe_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
-
-
-def run_dir(cfg: TrainConfig, run_id: str) -> Path:
-    return Path(cfg.output_dir) / run_id
 
 
 @dataclass
@@ -449,7 +452,7 @@ class FoldTrainer:
     def __init__(self, plan: Plan, parent_id: str, fold: int, run_id: str):
         self.plan, self.cfg, self.fold, self.run_id, self.parent_id = plan, plan.cfg, fold, run_id, parent_id
         self.dist = plan.dist
-        self.dir = run_dir(plan.cfg, parent_id) / f"fold_{fold}"
+        self.dir = plan.cfg.run_dir(parent_id) / f"fold_{fold}"
         self.train_rows = np.flatnonzero(plan.fold_of != fold)
         self.val_rows = np.flatnonzero(plan.fold_of == fold)
         self.full = fold == self.cfg.folds  # the network on every image: nothing to validate
@@ -729,9 +732,3 @@ def seed_worker(worker_id: int) -> None:
     transform = getattr(info.dataset, "transform", None)
     if transform is not None and hasattr(transform, "set_random_seed"):
         transform.set_random_seed(seed)
-
-
-def with_overrides(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    """A copy of ``cfg`` with ``changes`` applied and re-checked (used by the search)."""
-    merged = {**cfg.to_dict(), **changes, "config": ""}
-    return build_config(TrainConfig, merged)
