@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rockcls.training.sampling import HardNegativeMemory  # noqa: E402
+from rockcls.training.memory import HardNegativeMemory  # noqa: E402
 
 SIZES = (1_000, 10_000, 100_000)
 SAMPLE_K = 13

@@ -41,7 +41,8 @@ from rockcls.training.device import use_channels_last  # noqa: E402
 from rockcls.training.distributed import Dist  # noqa: E402
 from rockcls.training.engine import StepSettings, train_one_epoch  # noqa: E402
 from rockcls.training.models import build_model  # noqa: E402
-from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler  # noqa: E402
+from rockcls.training.memory import HardNegativeMemory  # noqa: E402
+from rockcls.training.sampling import MixtureBatchSampler  # noqa: E402
 
 NUM_IMAGES = 2048
 NUM_CLASSES = 4

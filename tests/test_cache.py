@@ -29,11 +29,13 @@ from rockcls.data.cache import (
     load_cache,
     open_cache,
     resize_for_cache,
+    cache_settings,
     resolve_cache_size,
 )
 from rockcls.data.images import load_image
 from rockcls.data.index import index_dataset
 from rockcls.data.sources import FileSource, ImageDataset, open_source, validate_images
+from rockcls.training.plan import train_cache_settings
 from rockcls.data.synthetic import make_dataset
 from tests.conftest import wait_for_a_new_timestamp_tick
 
@@ -112,37 +114,37 @@ def test_built_cache_holds_every_image_resized_once(dataset, cache_dir):
 
 def test_open_source_follows_the_train_config(dataset, mlflow_store, tiny_cfg, tmp_path):
     index = index_dataset(dataset)
-    source = open_source(index, cfg=tiny_cfg(dataset, cache=True, img_size=32))
+    source = open_source(index, train_cache_settings(tiny_cfg(dataset, cache=True, img_size=32)))
     assert isinstance(source, ImageCache) and source.size == 37  # round(32 * 8 / 7)
     assert source.data_path.parent == Path(os.environ["ROCKCLS_CACHE_DIR"]) / "images"
-    assert isinstance(open_source(index, cfg=tiny_cfg(dataset, cache=False)), FileSource)
-    explicit = open_source(index, cfg=tiny_cfg(dataset, cache=True, cache_size=20, cache_dir=str(tmp_path / "there")))
+    assert isinstance(open_source(index, train_cache_settings(tiny_cfg(dataset, cache=False))), FileSource)
+    explicit = open_source(index, train_cache_settings(tiny_cfg(dataset, cache=True, cache_size=20, cache_dir=str(tmp_path / "there"))))
     assert explicit.size == 20 and explicit.data_path.parent == tmp_path / "there" / "images"
 
 
 def test_warm_cache_opens_without_decoding(dataset, cache_dir, monkeypatch):
     index = index_dataset(dataset)
-    first = open_source(index, cache_dir=cache_dir, cache_size=32)
+    first = open_source(index, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     forbid_decoding(monkeypatch)
-    second = open_source(index, cache_dir=cache_dir, cache_size=32)
+    second = open_source(index, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     assert second.data_path == first.data_path
     assert np.array_equal(second.read(3), first.read(3))
 
 
 def test_another_cache_size_is_another_cache(dataset, cache_dir):
     index = index_dataset(dataset)
-    a = open_source(index, cache_dir=cache_dir, cache_size=24)
-    b = open_source(index, cache_dir=cache_dir, cache_size=40)
+    a = open_source(index, cache_settings(img_size=24, cache_size=24, cache_dir=cache_dir))
+    b = open_source(index, cache_settings(img_size=40, cache_size=40, cache_dir=cache_dir))
     assert a.data_path != b.data_path and min(b.read(0).shape[:2]) == 40
 
 
 def test_changing_a_file_invalidates_the_cache(dataset, cache_dir):
     index = index_dataset(dataset)
-    old = open_source(index, cache_dir=cache_dir, cache_size=32)
+    old = open_source(index, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     victim = index.paths[2]
     cv2.imwrite(victim, np.full((45, 45, 3), 7, np.uint8))
     os.utime(victim, ns=(10**18, 10**18))  # a new mtime even within the file system's resolution
-    new = open_source(index, cache_dir=cache_dir, cache_size=32)
+    new = open_source(index, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     assert new.data_path != old.data_path
     assert (new.read(2) == 7).all()
     assert np.array_equal(new.read(1), old.read(1))
@@ -156,7 +158,7 @@ def test_rewriting_a_file_and_restoring_its_mtime_still_invalidates_the_cache(tm
             cv2.imwrite(str(tmp_path / "bmp" / name / f"{i}.bmp"), np.full((20, 20, 3), 10 * (c + i), np.uint8))
     index = index_dataset(tmp_path / "bmp")
     old = open_source(validate_images(index, skip_bad=False, cache_dir=cache_dir, cache_size=20),
-                      cache_dir=cache_dir, cache_size=20)
+                      cache_settings(img_size=20, cache_size=20, cache_dir=cache_dir))
     victim = Path(index.paths[1])
     before = victim.stat()
     wait_for_a_new_timestamp_tick(before.st_ctime_ns)
@@ -165,16 +167,16 @@ def test_rewriting_a_file_and_restoring_its_mtime_still_invalidates_the_cache(tm
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert victim.stat().st_size == before.st_size and victim.stat().st_ino == before.st_ino
     new = open_source(validate_images(index, skip_bad=False, cache_dir=cache_dir, cache_size=20),
-                      cache_dir=cache_dir, cache_size=20)
+                      cache_settings(img_size=20, cache_size=20, cache_dir=cache_dir))
     assert new.data_path != old.data_path
     assert (new.read(1) == 200).all() and (old.read(1) == 10).all()
 
 
 def test_adding_a_file_invalidates_the_cache(dataset, cache_dir):
-    old = open_source(index_dataset(dataset), cache_dir=cache_dir, cache_size=32)
+    old = open_source(index_dataset(dataset), cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     shutil.copy(index_dataset(dataset).paths[0], dataset / "synthetic_banded" / "extra.png")
     index = index_dataset(dataset)
-    new = open_source(index, cache_dir=cache_dir, cache_size=32)
+    new = open_source(index, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     assert new.data_path != old.data_path and len(new) == len(old) + 1 == len(index)
 
 
@@ -209,7 +211,7 @@ def test_disk_full_is_a_one_line_error_and_leaves_no_temp_files(dataset, cache_d
 
 
 def test_cache_pickles_without_its_mapping(dataset, cache_dir):
-    source = open_source(index_dataset(dataset), cache_dir=cache_dir, cache_size=32)
+    source = open_source(index_dataset(dataset), cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     source.read(0)  # maps the file in this process
     blob = pickle.dumps(source)
     assert len(blob) < 4000
@@ -219,7 +221,7 @@ def test_cache_pickles_without_its_mapping(dataset, cache_dir):
 
 def test_dataloader_workers_read_the_same_batches_as_the_main_process(dataset, cache_dir):
     index = index_dataset(dataset)
-    source = open_source(index, cache_dir=cache_dir, cache_size=32)
+    source = open_source(index, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     crop = A.CenterCrop(30, 30)
     ds = ImageDataset(source, np.arange(len(index)), index.labels, crop)
     batches = [torch.utils.data.DataLoader(ds, batch_size=4, num_workers=n) for n in (0, 2)]
@@ -238,7 +240,7 @@ def test_validation_fills_the_cache_in_its_single_decode_pass(dataset, cache_dir
     assert counter.calls == len(index)  # every file decoded exactly once
     assert [Path(p).name for p, _ in valid.skipped] == ["0001.png"]
     forbid_decoding(monkeypatch)
-    source = open_source(valid, cache_dir=cache_dir, cache_size=32)
+    source = open_source(valid, cache_settings(img_size=32, cache_size=32, cache_dir=cache_dir))
     assert len(source) == len(valid)
     again = validate_images(index_dataset(dataset), skip_bad=True, cache_dir=cache_dir, cache_size=32)  # all cached
     assert again.paths == valid.paths

@@ -17,7 +17,7 @@ from rockcls.core.entry import run_command
 from rockcls.core.errors import RockclsError
 from rockcls.inference.predictor import load_models
 from rockcls.runs import ensemble, registry
-from rockcls.training import trainer as train_mod
+from rockcls.training import fold as train_mod
 from rockcls.training.checkpoint import load_checkpoint, save_checkpoint
 from rockcls.training import models
 from rockcls.training.models import build_model, model_spec

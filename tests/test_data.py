@@ -167,7 +167,7 @@ def test_skipping_bad_images_still_reports_the_other_problems(two_classes, tmp_p
 
 
 def test_training_lists_the_data_problems_in_its_output_dir(two_classes, tmp_path):
-    from rockcls.training.trainer import load_dataset
+    from rockcls.training.plan import load_dataset
     from tests.conftest import tiny_config
 
     (two_classes / "marble").mkdir()

@@ -7,7 +7,7 @@ from rockcls.training.engine import (
     cosine_with_warmup,
     train_one_epoch,
 )
-from rockcls.training.sampling import HardNegativeMemory
+from rockcls.training.memory import HardNegativeMemory
 
 SETTINGS = StepSettings(device=torch.device("cpu"), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                         accumulation_steps=2)

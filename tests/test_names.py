@@ -20,7 +20,8 @@ from rockcls.core.errors import DataError
 from rockcls.data.index import content_fingerprint, file_fingerprint, index_dataset
 from rockcls.data.sources import validate_images
 from rockcls.data.synthetic import make_dataset
-from rockcls.training.trainer import load_dataset, run_training
+from rockcls.training.plan import load_dataset
+from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
 LATIN1 = b"\xff\xfename.png"  # what a Latin-1 system writes for "ÿþname.png": not valid UTF-8

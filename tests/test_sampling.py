@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
+from rockcls.training.memory import HardNegativeMemory
+from rockcls.training.sampling import MixtureBatchSampler
 
 
 def _effective_batches(sampler: MixtureBatchSampler) -> list[list[int]]:

@@ -27,8 +27,10 @@ from rockcls.data.synthetic import make_dataset
 from rockcls.training import distributed
 from rockcls.training.distributed import Dist
 from rockcls.training.engine import StepSettings, train_one_epoch
-from rockcls.training.sampling import HardNegativeMemory, MixtureBatchSampler
-from rockcls.training.trainer import build_plan, run_training
+from rockcls.training.memory import HardNegativeMemory
+from rockcls.training.sampling import MixtureBatchSampler
+from rockcls.training.plan import build_plan
+from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from rockcls.core import tracking
 from rockcls.core.errors import ConfigError, DataError, RockclsError
 from rockcls.data.synthetic import make_dataset
 from rockcls.training import checkpoint
-from rockcls.training import trainer as train_mod
+from rockcls.training import fold as train_mod
 from rockcls.training.checkpoint import load_checkpoint
 from rockcls.training.models import build_model_from_spec
 from rockcls.training.trainer import run_training

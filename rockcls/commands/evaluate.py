@@ -38,7 +38,7 @@ from rockcls.data.sources import FileSource
 from rockcls.inference.predictor import TTA_CHOICES, Prediction, Predictor
 from rockcls.runs.lookup import parse_model_ref
 from rockcls.training.device import keep_freed_memory, resolve_device
-from rockcls.training.trainer import dataset_name, log_data_input
+from rockcls.training.record import dataset_name, log_data_input
 
 log = logging.getLogger("rockcls")
 

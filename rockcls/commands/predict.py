@@ -27,7 +27,7 @@ from rockcls.inference.predictor import TTA_CHOICES, Prediction, Predictor
 from rockcls.runs import registry
 from rockcls.runs.lookup import load_run_predictor, parse_model_ref
 from rockcls.training.device import keep_freed_memory, resolve_device
-from rockcls.training.trainer import log_data_input
+from rockcls.training.record import log_data_input
 
 log = logging.getLogger("rockcls")
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from dataclasses import dataclass
 
-from rockcls.core.config import add_config_arguments, build_config, option
+from rockcls.core.config import TrainConfig, add_config_arguments, build_config, option, option_of
 from rockcls.data.cache import ImageCache, cache_settings, open_cache
 from rockcls.data.index import index_dataset
 from rockcls.data.sources import validate_images
@@ -16,12 +16,12 @@ from rockcls.data.sources import validate_images
 class PrepareConfig:
     """Parameters of ``rockcls prepare``; defaults match training's, so train finds the cache."""
 
-    data: str = option("", "folder with one sub-folder per class, or a CSV with img_path,label")
+    data: str = option_of(TrainConfig, "data")
     img_size: int = option(224, "training resolution the cache is for (pixels)", min=16)
-    cache_size: int = option(0, "cache resolution in pixels; 0 = 8/7 of img_size", min=0)
-    cache_dir: str = option("", "cache folder; empty = $ROCKCLS_CACHE_DIR, else $XDG_CACHE_HOME/rockcls, else ~/.cache/rockcls")
+    cache_size: int = option_of(TrainConfig, "cache_size")
+    cache_dir: str = option_of(TrainConfig, "cache_dir")
     workers: int = option(4, "decoding threads", min=1)
-    skip_bad_images: bool = option(False, "warn and leave out unreadable images instead of failing")
+    skip_bad_images: bool = option_of(TrainConfig, "skip_bad_images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(cfg: PrepareConfig) -> tuple[ImageCache, int, bool]:
     """Validate and cache ``cfg.data``: (cache, number of skipped files, whether it was built now)."""
-    settings = cache_settings(cfg)
+    settings = cache_settings(img_size=cfg.img_size, cache_size=cfg.cache_size, cache_dir=cfg.cache_dir,
+                              workers=cfg.workers)
     before = set((settings.folder / "images").glob("*.npz"))
     index = validate_images(index_dataset(cfg.data, check=False), skip_bad=cfg.skip_bad_images,
                             cache_dir=settings.folder, workers=settings.workers, cache_size=settings.size)

@@ -41,6 +41,13 @@ def option(default: Any, help: str, **checks: Any) -> Any:
     return field(default=default, metadata={"help": help, **checks})
 
 
+def option_of(cls: type, name: str) -> Any:
+    """``cls``'s option ``name`` again (default, help and checks) for another command's config, so a
+    setting two commands share is described once."""
+    f = cls.__dataclass_fields__[name]
+    return field(default=f.default, metadata=dict(f.metadata))
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. Field metadata holds help text and value checks."""

@@ -47,3 +47,9 @@ def confusion_figure(labels: np.ndarray, preds: np.ndarray, classes: Sequence[st
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def safe_name(name: str) -> str:
+    """A class name as part of a metric key (``val_f1.<class>``): MLflow accepts letters, digits
+    and ``_-./`` and spaces only."""
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)

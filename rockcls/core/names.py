@@ -51,6 +51,8 @@ CLASSES_FILE = "classes.json"
 OOF_LOGITS = "oof_logits.npz"  # a train run's out-of-fold logits (ids, paths, labels, logits, fold, classes)
 OOF_FOLD = "oof_fold.npz"  # one fold run's share of them
 FOLD_MODEL = "checkpoints/model.pt"  # the weights a fold run keeps
+CONFUSION_FIGURE = "confusion_matrix.png"  # a train or ensemble run's OOF confusion matrix
+SKIPPED_FILE = "skipped_images.tsv"  # the images a run left out (skip_bad_images) and why
 ENSEMBLE_FILE = "ensemble.json"
 TEACHER_DIR = "teacher"  # a distilled run's cached teacher probabilities (teacher/<key>.npz)
 

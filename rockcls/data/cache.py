@@ -38,7 +38,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -88,12 +88,13 @@ class CacheSettings:
     workers: int
 
 
-def cache_settings(cfg: Any) -> CacheSettings:
-    """From any config with ``img_size``, ``cache_size``, ``cache_dir`` and ``num_workers`` (decode
-    threads: twice the loader workers, at least 4) or ``workers``; ``cache`` false = no pixel cache."""
-    size = resolve_cache_size(cfg.img_size, cfg.cache_size) if getattr(cfg, "cache", True) else 0
-    workers = max(4, 2 * cfg.num_workers) if hasattr(cfg, "num_workers") else cfg.workers
-    return CacheSettings(resolve_cache_dir(cfg.cache_dir), size, workers)
+def cache_settings(*, img_size: int, cache_size: int = 0, cache_dir: str | os.PathLike | None = None,
+                   workers: int = 4, enabled: bool = True) -> CacheSettings:
+    """The settings of a command's cache: its folder (``cache_dir``, else the default folder), its
+    resolution (`resolve_cache_size`; 0 when ``enabled`` is false: no pixel cache) and ``workers``
+    decode threads. A command resolves them once and passes the object on."""
+    size = resolve_cache_size(img_size, cache_size) if enabled else 0
+    return CacheSettings(resolve_cache_dir(cache_dir), size, workers)
 
 
 def resize_for_cache(img: np.ndarray, size: int) -> np.ndarray:

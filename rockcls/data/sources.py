@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from rockcls.core.config import default_cache_dir
 from rockcls.core.progress import track
 from rockcls.core.text import shown
 from rockcls.data import cache, images
-from rockcls.data.cache import cache_settings, open_cache
+from rockcls.data.cache import CacheSettings, open_cache
 from rockcls.data.images import (
     decode_image,
     load_checked,
@@ -143,20 +142,12 @@ class BytesSource:
         return decode_image(self.payloads[row], f"row {row}")
 
 
-def open_source(index: DatasetIndex, *, cfg: Any = None, cache_dir: str | Path | None = None,
-                cache_size: int = 0, workers: int = 4, **_: object):
-    """The image source a dataset reads from: the decoded-image cache, or the files themselves.
-
-    ``cfg`` (a TrainConfig) decides through `cache_settings`: ``cfg.cache`` true reads from the
-    cache (built here if missing). Without ``cfg``, ``cache_size > 0`` asks for the cache explicitly.
-    """
-    if cfg is not None:
-        settings = cache_settings(cfg)
-        cache_dir, cache_size, workers = settings.folder, settings.size, settings.workers
-    if cache_size <= 0:
+def open_source(index: DatasetIndex, settings: CacheSettings | None = None):
+    """The image source a dataset reads from: the decoded-image cache (built here if missing) when
+    ``settings`` ask for one (size > 0), else (no settings, or no pixel cache) the files themselves."""
+    if settings is None or settings.size <= 0:
         return FileSource(index.paths)
-    return open_cache(index.paths, cache_dir=Path(cache_dir or default_cache_dir()), size=cache_size,
-                      workers=workers)
+    return open_cache(index.paths, cache_dir=settings.folder, size=settings.size, workers=settings.workers)
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -27,10 +27,9 @@ import pandas as pd
 
 from rockcls.core import names, tracking
 from rockcls.core.errors import ConfigError, RockclsError
-from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1, softmax
+from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1, safe_name, softmax
 from rockcls.runs.lookup import check_train_run
 from rockcls.training.fold_runs import VIEW_PREFIX
-from rockcls.training.trainer import safe_name
 
 log = logging.getLogger("rockcls")
 
@@ -439,6 +438,6 @@ def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | 
         tracking.log_text(run_id, fit.score_table().to_csv(index=False), "scores.csv")
         tracking.log_figure(run_id, confusion_figure(fit.labels, fit.crossfit_preds, fit.classes,
                                                      f"cross-fitted macro-F1 {fit.crossfit_score:.4f}"),
-                            "confusion_matrix.png")
+                            names.CONFUSION_FIGURE)
     return run_id
 

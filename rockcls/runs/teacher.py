@@ -27,14 +27,14 @@ from rockcls.core import names, tracking
 from rockcls.core.config import TrainConfig
 from rockcls.core.errors import ConfigError, DataError, RockclsError
 from rockcls.core.metrics import softmax
-from rockcls.data.cache import cache_settings
+from rockcls.data.cache import resolve_cache_dir
 from rockcls.data.index import index_dataset
 from rockcls.data.sources import FileSource
 from rockcls.inference.predictor import load_models, predict_logits
 from rockcls.runs.ensemble import check_same_split, load_member
 from rockcls.runs.lookup import RUN_ID, TRAIN_KINDS, download_run_checkpoints
 from rockcls.training.distill import TeacherTargets, load_teacher, save_teacher
-from rockcls.training.trainer import resumed_config
+from rockcls.training.record import resumed_config
 from rockcls.training.transforms import tta_views
 
 log = logging.getLogger("rockcls")
@@ -111,7 +111,7 @@ def _from_run(run_id: str, ref: str) -> TeacherSpec:
 
 
 def teacher_path(cfg: TrainConfig, spec: TeacherSpec) -> Path:
-    return cache_settings(cfg).folder / "teachers" / f"{spec.key()}.npz"
+    return resolve_cache_dir(cfg.cache_dir) / "teachers" / f"{spec.key()}.npz"
 
 
 def compute_teacher(spec: TeacherSpec, data: str, *, device: str = "auto", batch_size: int = 64,

@@ -53,7 +53,8 @@ from rockcls.search.storage import (
 )
 from rockcls.search.tickets import open_study
 from rockcls.search.workers import launch_workers, run_in_process
-from rockcls.training import trainer as training
+from rockcls.training.plan import load_dataset
+from rockcls.training.record import log_data_input
 from rockcls.training.models import check_backbone
 
 log = logging.getLogger("rockcls")
@@ -68,7 +69,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     space = build_search_space(tune, base, fixed)
     check_pruner(tune, base.folds)
     check_fixed_backbone(base, space)
-    index = training.load_dataset(base)  # bad data fails here once, not in every trial
+    index = load_dataset(base)  # bad data fails here once, not in every trial
     make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.split_seed)
     identity = study_identity(base, space, content_fingerprint(index))
     url = resolve_storage_url(tune.storage, tracking.tracking_uri())
@@ -76,7 +77,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     plan = StudyPlan(base, tune, sorted(fixed), name, url)
     storage = build_storage(url, heartbeat=tune.heartbeat, retries=tune.retries)
     study_run_id = open_study(plan, storage, identity)
-    training.log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
+    log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
     try:
         codes = launch_workers(plan, devices) if devices else [run_in_process(plan)]
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from rockcls.core.progress import track
 from rockcls.training import distributed
 from rockcls.training.distill import distillation_losses
 from rockcls.training.distributed import SINGLE, Dist
-from rockcls.training.sampling import HardNegativeMemory
+from rockcls.training.memory import HardNegativeMemory
 from rockcls.training.transforms import TTA_VIEWS, DeviceAugment, dihedral, normalize
 
 

@@ -4,12 +4,20 @@ and failing one whose process died before it could end its run itself."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 
 from rockcls.core import names, tracking
 
+log = logging.getLogger("rockcls")
+
 VIEW_PREFIX = "logits_tta_"  # OOF logits of fewer test-time views, in oof_fold.npz and oof_logits.npz
+
+
+def fold_label(fold: int, kind: str = "fold") -> str:
+    """How logs name a fold (``kind`` full: the network fitted on every image)."""
+    return "the network on every image" if kind == "full" else f"fold {fold}"
 
 
 def find_fold_run(parent_id: str, fold: int, kind: str = "fold") -> tuple[str | None, bool]:
@@ -26,6 +34,13 @@ def load_fold_result(fold_run: str) -> dict:
     with np.load(tracking.download(fold_run, names.OOF_FOLD)) as z:
         views = {k[len(VIEW_PREFIX):]: z[k] for k in z.files if k.startswith(VIEW_PREFIX)}
         return {"rows": z["rows"], "logits": z["logits"], "score": float(z["score"]), "view_logits": views}
+
+
+def finished_fold_result(fold_run: str, fold: int, kind: str = "fold") -> dict:
+    """What a fold finished by an earlier attempt gave (the network on every image gives no OOF
+    result): the one way a resumed run, in this process or with folds in processes, collects it."""
+    log.info("%s already finished in run %s: skipped", fold_label(fold, kind), fold_run)
+    return load_fold_result(fold_run) if kind == "fold" else {}
 
 
 def fail_fold_run(parent_id: str, fold: int, reason: str) -> str | None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rockcls.core import names, tracking
+from rockcls.core import tracking
 from rockcls.core.config import TrainConfig, build_config
-from rockcls.core.errors import RockclsError
-from rockcls.data.sources import open_source
-from rockcls.training.trainer import build_plan, run_fold
+from rockcls.training.fold import run_fold
+from rockcls.training.plan import build_plan
+from rockcls.training.record import check_run_split
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.set_program("rockcls train (fold process)")
     cfg = build_config(TrainConfig, {"config": args.config, "device": args.device or None})
     plan = build_plan(cfg, describe=False)
-    expected = tracking.get_run(args.parent).data.tags.get(names.SPLIT_FINGERPRINT)
-    if expected != plan.derived["split_fingerprint"]:
-        raise RockclsError(f"fold {args.fold}: the data under {cfg.data} changed since run {args.parent} "
-                           f"started (split fingerprint {plan.derived['split_fingerprint']} != {expected})")
-    plan.source = open_source(plan.index, cfg=cfg)
+    check_run_split(plan, args.parent, f"fold {args.fold}")
     run_fold(plan, args.parent, args.fold, None, label=(args.device or cfg.device).replace(":", ""))
     return 0
 

@@ -10,8 +10,8 @@ from typing import Any
 import timm
 import torch
 
-from rockcls.core.config import AUTO_IMG_SIZE, TrainConfig
-from rockcls.core.errors import ConfigError
+from rockcls.core.config import AUTO_IMG_SIZE, TrainConfig, default_cache_dir
+from rockcls.core.errors import ConfigError, first_line
 from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rockcls.training.weights import (
     BN_EPS_ATTR,
@@ -71,7 +71,7 @@ def build_model_with_report(backbone: str, num_classes: int, *, pretrained: bool
     check_backbone(backbone)
     if pretrained_path:
         model = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
-        path = resolve_weights_file(pretrained_path, cache_dir or Path.home() / ".cache" / "rockcls")
+        path = resolve_weights_file(pretrained_path, cache_dir or default_cache_dir())
         origin = pretrained_path if str(path) == pretrained_path else f"{pretrained_path} ({path.name})"
         return model, load_weights_file(model, path, origin)
     if pretrained:
@@ -93,7 +93,7 @@ def _from_hub(backbone: str, num_classes: int) -> tuple[torch.nn.Module, WeightR
             model = timm.create_model(backbone, pretrained=True, num_classes=num_classes)
         except (OSError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"pretrained: cannot load {backbone} weights from the timm / Hugging Face hub: "
-                              f"{str(exc).splitlines()[0][:200]} (use pretrained_path=FILE or pretrained=false)"
+                              f"{first_line(exc)} (use pretrained_path=FILE or pretrained=false)"
                               ) from None
     cfg = model.pretrained_cfg
     head = sorted(head_names(model)) if cfg.get("num_classes") != num_classes else []

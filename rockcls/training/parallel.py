@@ -29,7 +29,7 @@ from rockcls.core.devices import child_device, device_env
 from rockcls.core.errors import RockclsError
 from rockcls.core.processes import interrupt_processes
 from rockcls.training.distributed import sigterm_raises
-from rockcls.training.fold_runs import fail_fold_run, find_fold_run, load_fold_result
+from rockcls.training.fold_runs import fail_fold_run, find_fold_run, finished_fold_result, load_fold_result
 
 log = logging.getLogger("rockcls")
 TAIL_LINES = 30
@@ -69,8 +69,7 @@ def run_folds_in_processes(cfg: TrainConfig, parent_id: str, folds: Sequence[int
     for k in folds:
         run_id, done = find_fold_run(parent_id, k)
         if done:
-            log.info("fold %d already finished in run %s: skipped", k, run_id)
-            results[k] = load_fold_result(run_id)
+            results[k] = finished_fold_result(run_id, k)
         else:
             pending.append(k)
     failures: dict[int, str] = {}
