@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rockcls.core.config import TrainConfig, build_config  # noqa: E402
 from rockcls.core.metrics import macro_f1, per_class_f1  # noqa: E402
-from rockcls.data.index import index_dataset, make_folds  # noqa: E402
+from rockcls.data.folds import make_folds  # noqa: E402
+from rockcls.data.index import index_dataset  # noqa: E402
 from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 PARTS = ("plain", "members", "pretrained")

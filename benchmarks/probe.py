@@ -31,7 +31,8 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from rockcls.core.metrics import macro_f1  # noqa: E402
-from rockcls.data.index import index_dataset, make_folds  # noqa: E402
+from rockcls.data.folds import make_folds  # noqa: E402
+from rockcls.data.index import index_dataset  # noqa: E402
 from rockcls.training.models import build_model_with_report, model_spec  # noqa: E402
 from rockcls.training.weights import set_bn_eps  # noqa: E402
 

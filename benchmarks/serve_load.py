@@ -132,7 +132,8 @@ def b64(data: bytes) -> str:
 
 def build_requests(images: list[Path], root: Path, outside: Path, fifo: Path, n: int, rows: int) -> list[dict]:
     """``n`` request specs: the payload and, per row, what a correct answer looks like."""
-    from rockcls.data.synthetic import EPS_BYTES, png_header_only
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' hostile files
+    from tests.hostile import EPS_BYTES, png_header_only
     from rockcls.inference.serving import PATH_REFUSED
 
     good = [p.read_bytes() for p in images]

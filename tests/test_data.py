@@ -17,9 +17,11 @@ from PIL import Image
 from rockcls.core.errors import ConfigError, DataError
 from rockcls.data import images as data
 from rockcls.data.images import load_image, to_chw_tensor
-from rockcls.data.index import file_fingerprint, index_dataset, list_files, make_folds
+from rockcls.data.index import file_fingerprint, index_dataset, list_files
+from rockcls.data.folds import make_folds
 from rockcls.data.sources import FileSource, ImageDataset, open_source, validate_images
-from rockcls.data.synthetic import EPS_BYTES, make_image, png_header_only
+from rockcls.data.synthetic import make_image
+from tests.hostile import EPS_BYTES, png_header_only
 from tests.conftest import wait_for_a_new_timestamp_tick
 
 

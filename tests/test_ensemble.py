@@ -13,7 +13,7 @@ from rockcls.commands import ensemble as ensemble_cmd
 from rockcls.core import errors as ensemble_errors
 from rockcls.core.errors import RockclsError
 from rockcls.core.metrics import macro_f1
-from rockcls.runs import ensemble
+from rockcls.runs import ensemble, voting
 from rockcls.training.trainer import run_training
 from tests.conftest import tiny_config
 
@@ -50,20 +50,20 @@ def test_fast_macro_f1_matches_sklearn() -> None:
     rng = np.random.default_rng(1)
     for n, k in ((50, 3), (500, 7), (20, 6)):
         labels, preds = rng.integers(0, k, n), rng.integers(0, k - 1, n)  # one class never predicted
-        assert ensemble.fast_macro_f1(labels, preds, k) == pytest.approx(macro_f1(labels, preds, k), abs=1e-12)
+        assert voting.fast_macro_f1(labels, preds, k) == pytest.approx(macro_f1(labels, preds, k), abs=1e-12)
 
 
 def test_weight_search_beats_or_ties_equal_weights_and_favours_the_better_member() -> None:
     members = _oof_members()
     probs = np.stack([np.exp(m.logits) / np.exp(m.logits).sum(1, keepdims=True) for m in members])
     labels = members[0].labels
-    equal = ensemble.fast_macro_f1(labels, ensemble.blend(probs, np.full(3, 1 / 3), np.zeros(4)).argmax(1), 4)
-    weights, bias, score = ensemble.fit_weights(probs, labels, bias=False)
+    equal = voting.fast_macro_f1(labels, voting.blend(probs, np.full(3, 1 / 3), np.zeros(4)).argmax(1), 4)
+    weights, bias, score = voting.fit_weights(probs, labels, bias=False)
     assert score >= equal
     assert weights.sum() == pytest.approx(1.0) and (weights >= 0).all()
     assert weights[0] > weights[1] >= weights[2]
     assert (bias == 0).all()
-    assert score == pytest.approx(ensemble.fast_macro_f1(labels, ensemble.blend(probs, weights, bias).argmax(1), 4))
+    assert score == pytest.approx(voting.fast_macro_f1(labels, voting.blend(probs, weights, bias).argmax(1), 4))
 
 
 def test_weight_search_never_loses_to_equal_weights_on_random_members() -> None:
@@ -71,8 +71,8 @@ def test_weight_search_never_loses_to_equal_weights_on_random_members() -> None:
         rng = np.random.default_rng(seed)
         labels = _labels(120, seed)
         probs = rng.dirichlet(np.ones(4), size=(3, 120))
-        equal = ensemble.fast_macro_f1(labels, ensemble.blend(probs, np.full(3, 1 / 3), np.zeros(4)).argmax(1), 4)
-        assert ensemble.fit_weights(probs, labels)[2] >= equal
+        equal = voting.fast_macro_f1(labels, voting.blend(probs, np.full(3, 1 / 3), np.zeros(4)).argmax(1), 4)
+        assert voting.fit_weights(probs, labels)[2] >= equal
 
 
 def test_bias_search_corrects_a_member_that_under_predicts_a_rare_class() -> None:
@@ -159,7 +159,7 @@ def test_single_holdout_cross_fits_over_a_seeded_internal_partition() -> None:
     assert len(fit.labels) == (fold == 0).sum()
     assert fit.num_groups >= 2
     assert ensemble.fit_ensemble(members, seed=3).crossfit_score == fit.crossfit_score
-    groups = ensemble.crossfit_groups(fold[fold == 0], labels[fold == 0], seed=3)
+    groups = voting.crossfit_groups(fold[fold == 0], labels[fold == 0], seed=3)
     assert set(np.unique(groups)) == set(range(fit.num_groups))
     for g in range(fit.num_groups):  # stratified: every class present in every group
         assert set(labels[fold == 0][groups == g]) == set(labels[fold == 0])
@@ -167,7 +167,7 @@ def test_single_holdout_cross_fits_over_a_seeded_internal_partition() -> None:
 
 def test_crossfit_groups_are_the_cv_folds_when_there_are_several() -> None:
     fold = np.array([0, 1, 2, 0, 1, 2])
-    assert ensemble.crossfit_groups(fold, np.zeros(6, dtype=int), seed=0).tolist() == fold.tolist()
+    assert voting.crossfit_groups(fold, np.zeros(6, dtype=int), seed=0).tolist() == fold.tolist()
 
 
 # ---- members from MLflow runs ----------------------------------------------------------

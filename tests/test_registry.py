@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from rockcls.commands import predict
 from rockcls.core import errors as registry_errors
 from rockcls.core import names
-from rockcls.data.synthetic import EPS_BYTES, png_header_only
+from tests.hostile import EPS_BYTES, png_header_only
 from rockcls.inference import serving
 from rockcls.runs import ensemble, registry
 from rockcls.runs import lookup as predict_lookup

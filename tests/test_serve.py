@@ -19,7 +19,7 @@ import pytest
 
 from rockcls.core import tracking
 from rockcls.core.processes import stop_process_group
-from rockcls.data.synthetic import EPS_BYTES, png_header_only
+from tests.hostile import EPS_BYTES, png_header_only
 from rockcls.inference import serving
 from rockcls.runs import ensemble, registry
 from rockcls.training.trainer import run_training

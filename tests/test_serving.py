@@ -16,7 +16,7 @@ import pytest
 
 from rockcls.core.errors import DataError, RockclsError
 from rockcls.data import images
-from rockcls.data.synthetic import png_header_only
+from tests.hostile import png_header_only
 from rockcls.inference import serving
 from rockcls.inference.predictor import Prediction
 

@@ -3,7 +3,7 @@ tab), labelled per fold process under --devices, and off by a switch."""
 
 from __future__ import annotations
 
-from rockcls.core import tracking
+from rockcls.core import system_metrics, tracking
 from rockcls.training.trainer import run_training
 
 from tests.conftest import tiny_config
@@ -25,7 +25,7 @@ def test_a_train_run_and_each_fold_run_carry_system_metrics_and_the_switch_turns
 
     off = run_training(tiny_config(synthetic_dir, epochs=1, system_metrics=False)).run_id
     assert not system_keys(off) and not any(system_keys(f.info.run_id) for f in tracking.child_runs(off, kind="fold"))
-    monkeypatch.setenv(tracking.SYSTEM_METRICS_ENV, "false")
+    monkeypatch.setenv(system_metrics.SYSTEM_METRICS_ENV, "false")
     env_off = run_training(tiny_config(synthetic_dir, epochs=1, seed=3)).run_id
     assert not system_keys(env_off)
 

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from rockcls.commands import ensemble as ensemble_cmd
 from rockcls.commands import predict
-from rockcls.core import names, tracking
+from rockcls.core import downloads, names, store, tracking
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.runs import ensemble
 from rockcls.training.trainer import run_training
@@ -177,11 +177,11 @@ def test_different_ensembles_of_the_same_runs_get_different_names(workflow) -> N
 def test_browse_hint_names_the_real_store_with_its_password_masked(mlflow_store) -> None:
     import mlflow
 
-    assert tracking.browse_hint() == f"mlflow ui --backend-store-uri {mlflow_store}"
+    assert store.browse_hint() == f"mlflow ui --backend-store-uri {mlflow_store}"
     mlflow.set_tracking_uri("http://ann:s3cret@tracking.example:5000")
-    assert tracking.browse_hint() == "open http://ann:***@tracking.example:5000"
+    assert store.browse_hint() == "open http://ann:***@tracking.example:5000"
     mlflow.set_tracking_uri("postgresql+psycopg2://ann:s3cret@db:5432/mlflow")
-    assert tracking.browse_hint() == "mlflow ui --backend-store-uri postgresql+psycopg2://ann:***@db:5432/mlflow"
+    assert store.browse_hint() == "mlflow ui --backend-store-uri postgresql+psycopg2://ann:***@db:5432/mlflow"
 
 
 # ---------------------------------------------------------------------------- downloads
@@ -207,12 +207,12 @@ def test_downloads_leave_no_folder_after_the_process_and_a_killed_process_folder
     tmp.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    orphan = tmp / f"{tracking.DOWNLOADS_PREFIX}{dead}-abc"  # a process killed with -9 left it
+    orphan = tmp / f"{downloads.DOWNLOADS_PREFIX}{dead}-abc"  # a process killed with -9 left it
     (orphan / "x").mkdir(parents=True)
     env = {**os.environ, "TMPDIR": str(tmp)}
     proc = subprocess.run([sys.executable, "-c", DOWNLOADS], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith(str(tmp / tracking.DOWNLOADS_PREFIX))
+    assert proc.stdout.strip().startswith(str(tmp / downloads.DOWNLOADS_PREFIX))
     assert list(tmp.iterdir()) == []
 
 
@@ -228,10 +228,10 @@ def test_a_missing_database_driver_is_one_line_naming_the_package(mlflow_store, 
     monkeypatch.setitem(sys.modules, "psycopg", None)  # what an environment without it gives
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://ann:s3cret@127.0.0.1:9/mlflow")
     tracking.mlflow.set_tracking_uri("postgresql://ann:s3cret@127.0.0.1:9/mlflow")
-    tracking.check_driver.cache_clear()
+    store.check_driver.cache_clear()
     rc = run_command(train_cmd.main, ["--data", str(synthetic_dir), "--backbone", "test_efficientnet",
                                       "--pretrained", "false", "--img-size", "32", "--device", "cpu"])
-    tracking.check_driver.cache_clear()
+    store.check_driver.cache_clear()
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "s3cret" not in err, err
     assert err == ("rockcls: error: tracking store postgresql://ann:***@127.0.0.1:9/mlflow: its database driver "
@@ -262,3 +262,11 @@ def test_train_and_predict_with_a_postgresql_tracking_store(mlflow_store, synthe
     finally:
         tracking.mlflow.set_tracking_uri(None)
         cluster.stop()
+
+
+def test_a_param_given_as_another_spelling_of_the_same_value_is_no_conflict():
+    """`mlflow run` logs -P values as typed: "false" for a switch the run resolves to 0/False."""
+    assert tracking.same_value("true", "1") and tracking.same_value("False", "0") and tracking.same_value("no", "false")
+    assert tracking.same_value("1e-3", "0.001") and tracking.same_value(" d4", "d4")
+    assert not tracking.same_value("true", "0") and not tracking.same_value("false", "1")
+    assert not tracking.same_value("0.1", "0.2") and not tracking.same_value("d4", "flip")

@@ -13,7 +13,7 @@ import pandas as pd
 
 from rockcls.commands import ensemble, predict
 from rockcls.commands import train as train_command
-from rockcls.core import tracking
+from rockcls.core import store, tracking
 from rockcls.core.config import TrainConfig, build_config
 from rockcls.data.synthetic import TEXTURES, make_dataset
 from rockcls.search.space import TuneConfig, build_search_config
@@ -124,5 +124,5 @@ def main(argv: list[str] | None = None) -> int:
           f"as models:/{args.register}-student@champion")
     if study:
         print("  " + study.replace("\n", "\n  "))
-    print(f"\nbrowse the runs: {tracking.browse_hint()}   (experiment {args.experiment!r})")
+    print(f"\nbrowse the runs: {store.browse_hint()}   (experiment {args.experiment!r})")
     return 0 if all(np.isfinite(r.cv_macro_f1) for r in results) else 1

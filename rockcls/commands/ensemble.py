@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from rockcls.core import tracking
+from rockcls.core import system_metrics, tracking
 from rockcls.core.config import (
     EXPERIMENT_DEFAULT,
     add_config_arguments,
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "register": cfg.register, "force": cfg.force, "networks": cfg.networks},
                           command=" ".join(["python -m rockcls ensemble", *command_flags(repeat, skip=("top",))]))
     tracking.log_metrics(run_id, {f"ensemble_macro_f1.tta_{v}": score for v, score in views.items()})
-    with tracking.closing(run_id), tracking.system_metrics(run_id):
+    with tracking.closing(run_id), system_metrics.system_metrics(run_id):
         print(fit.score_table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if views:
             print("by test-time views (rule above, OOF rows): " + ", ".join(f"{v} {s:.4f}" for v, s in views.items())

@@ -27,7 +27,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
 
 from rockcls.commands.predict import load_predictor
-from rockcls.core import names, tracking
+from rockcls.core import names, system_metrics, tracking
 from rockcls.core.config import EXPERIMENT_DEFAULT, add_config_arguments, command_flags, config_from_args, option
 from rockcls.core.errors import ConfigError, DataError
 from rockcls.core.gallery import Example, log_gallery
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     tta = predictor.tta if cfg.tta == "auto" else cfg.tta
     run_id = tracking.start_run(experiment=cfg.experiment, name="evaluate", kind="evaluate", adopt_env_run=True,
                                 tags={"rockcls.model": cfg.model})
-    with tracking.closing(run_id), tracking.system_metrics(run_id):
+    with tracking.closing(run_id), system_metrics.system_metrics(run_id):
         pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,
                                  num_workers=cfg.num_workers)
         left_out = problems_of(index, pred)

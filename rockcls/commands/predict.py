@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rockcls.core import names, tracking
+from rockcls.core import names, system_metrics, tracking
 from rockcls.core.config import (
     EXPERIMENT_DEFAULT,
     add_config_arguments,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     # written before anything is logged, so no logging problem can lose the predictions.
     run_id = tracking.start_run(experiment=cfg.experiment, name="predict", kind="predict", adopt_env_run=True,
                                 tags={"rockcls.model": cfg.model})
-    with tracking.closing(run_id), tracking.system_metrics(run_id):
+    with tracking.closing(run_id), system_metrics.system_metrics(run_id):
         pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,
                                  num_workers=cfg.num_workers)
         warn_errors(pred, index.paths)

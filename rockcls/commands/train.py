@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from rockcls.core import names, tracking
+from rockcls.core import names, store, tracking
 from rockcls.core.config import TrainConfig, add_config_arguments, config_from_args
 from rockcls.runs.teacher import prepare_teacher
 from rockcls.training import distributed
@@ -41,7 +41,7 @@ def _resumes_a_student(cfg: TrainConfig) -> bool:
 
 def report(result: TrainResult) -> None:
     print(f"train run {result.run_id}: cv_macro_f1 {result.cv_macro_f1:.4f} ({tracking.run_location(result.run_id)})")
-    print(f"browse it with: {tracking.browse_hint()}")
+    print(f"browse it with: {store.browse_hint()}")
 
 
 def main(argv: list[str] | None = None) -> int:

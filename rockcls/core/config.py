@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from rockcls.core.errors import ConfigError
+from rockcls.core.errors import ConfigError, first_line
 from rockcls.core.text import is_utf8
 
 AUGMENTS = ("none", "d4", "crop", "light", "seed", "winner")
@@ -33,8 +33,8 @@ MAX_GALLERY = 64  # images per gallery: 64 thumbnails of 96 px are a PNG of abou
 
 EXPERIMENT_DEFAULT = "empty = the one `mlflow run --experiment-name` or MLFLOW_EXPERIMENT_NAME chose, else rockcls"
 
-_TRUE = {"1", "true", "yes", "y", "on"}
-_FALSE = {"0", "false", "no", "n", "off"}
+TRUE_WORDS = {"1", "true", "yes", "y", "on"}  # what a true switch may be written as
+FALSE_WORDS = {"0", "false", "no", "n", "off"}
 
 
 def option(default: Any, help: str, **checks: Any) -> Any:
@@ -158,8 +158,8 @@ def coerce_value(name: str, raw: Any, typ: type) -> Any:
         if isinstance(raw, bool):
             return raw
         text = str(raw).strip().lower()
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
+        if text in TRUE_WORDS or text in FALSE_WORDS:
+            return text in TRUE_WORDS
         raise ConfigError(f"{name}: expected true/false, got {raw!r}")
     if typ is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
@@ -218,7 +218,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"config: {path} is not valid YAML ({first_line(exc, 300)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping of parameter names to values")
     return data

@@ -19,6 +19,10 @@ class RunStopped(Exception):
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of ``exc``'s message, at most ``limit`` characters; its type name when the
-    message is empty. The one way an exception from a library is shown inside a one-line error."""
-    lines = str(exc).strip().splitlines()
+    message is empty. A first line that ends with ":" announces the next ("Error(s) in loading
+    state_dict for X:"), which is then the one shown. The one way an exception from a library is
+    shown inside a one-line error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
     return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -13,13 +13,11 @@ workflow land in one experiment and find each other however they are started.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +32,10 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls.core import names, secrets
-from rockcls.core.errors import ConfigError, RockclsError, RunStopped  # noqa: E402
+from rockcls.core.downloads import download_root  # noqa: E402
+from rockcls.core.store import check_driver, shown_uri, tracking_uri  # noqa: E402
+from rockcls.core.config import FALSE_WORDS, TRUE_WORDS  # noqa: E402
+from rockcls.core.errors import ConfigError, RockclsError, RunStopped, first_line  # noqa: E402
 
 log = logging.getLogger("rockcls")
 
@@ -55,11 +56,6 @@ Sort by `metrics.cv_macro_f1` to rank train runs; `rockcls ensemble --top K` tak
 """
 
 
-# The pip package that brings each database driver SQLAlchemy may ask for.
-DRIVER_PACKAGES = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL",
-                   "MySQLdb": "mysqlclient", "pyodbc": "pyodbc"}
-
-
 def client() -> MlflowClient:
     check_driver(tracking_uri())
     from sqlalchemy.exc import SQLAlchemyError
@@ -70,26 +66,6 @@ def client() -> MlflowClient:
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise RockclsError(f"tracking store {shown_uri()} cannot be opened: "
                            f"{secrets.hide(detail[0] if detail else type(exc).__name__)[:200]}") from None
-
-
-@functools.lru_cache(maxsize=8)
-def check_driver(uri: str) -> None:
-    """A database tracking store whose Python driver is missing: one line naming the package, not
-    MLflow's 80-line ModuleNotFoundError at the first call."""
-    if uri.split("://", 1)[0].split("+", 1)[0] not in ("postgresql", "postgres", "mysql", "mssql"):
-        return
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-
-    try:
-        make_url(uri).get_dialect().import_dbapi()
-    except (ArgumentError, NoSuchModuleError, ValueError):
-        return  # not a URL SQLAlchemy knows: MLflow says so itself
-    except ImportError as exc:
-        package = DRIVER_PACKAGES.get((exc.name or "").split(".")[0], exc.name)
-        secrets.remember(uri)
-        raise ConfigError(f"tracking store {secrets.mask_url(uri)}: its database driver {exc.name!r} is not "
-                          f"installed (pip install '{package}')") from None
 
 
 def _retry(fn, *args, attempts: int = 6, **kwargs):
@@ -245,20 +221,13 @@ def closing(run_id: str, *, finish: bool = True) -> Iterator[str]:
         yield run_id
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, RunStopped)) else "FAILED"
-        reason = secrets.hide(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        reason = secrets.hide(first_line(exc, 500))
         with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
             set_tags(run_id, {names.FAIL_REASON: reason[:500]})
         end_run(run_id, status)
         raise
     if finish:
         end_run(run_id, "FINISHED")
-
-
-@contextlib.contextmanager
-def tracked_run(*, finish: bool = True, **start: Any) -> Iterator[str]:
-    """A new run (`start_run` arguments), ended like `closing` says."""
-    with closing(start_run(**start), finish=finish) as run_id:
-        yield run_id
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -285,7 +254,7 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> list[str]:
     batch, conflicts = [], []
     for key, value in params.items():
         text = str(value)[:MAX_PARAM_LEN]
-        if key in existing and existing[key] != text and not _same_number(existing[key], text):
+        if key in existing and existing[key] != text and not same_value(existing[key], text):
             if existing[key] not in NOT_GIVEN:
                 conflicts.append(key)
             key = f"resolved.{key}"
@@ -296,11 +265,20 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> list[str]:
     return conflicts
 
 
-def _same_number(a: str, b: str) -> bool:
+def same_value(a: str, b: str) -> bool:
+    """Whether two param texts say the same: equal numbers ("1e-3", "0.001"), or the same switch
+    in any of the words config accepts for it ("true" = "1" = "yes", "false" = "0" = "no")."""
+    return _canonical(a) == _canonical(b)
+
+
+def _canonical(text: str) -> float | str:
+    word = text.strip().lower()
+    if word in TRUE_WORDS or word in FALSE_WORDS:
+        return 1.0 if word in TRUE_WORDS else 0.0
     try:
-        return float(a) == float(b)
+        return float(word)
     except ValueError:
-        return a.strip().lower() in ("true", "1") and b.strip().lower() in ("true", "1")
+        return text.strip()
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -317,45 +295,6 @@ def log_linked_metrics(run_id: str, metrics: Mapping[str, float], *, dataset_nam
     batch = [Metric(k, float(v), now, 0, model_id=model_id, dataset_name=dataset_name, dataset_digest=dataset_digest)
              for k, v in metrics.items()]
     _retry(client().log_batch, run_id, metrics=batch)
-
-
-SYSTEM_METRICS_ENV = "ROCKCLS_SYSTEM_METRICS"
-SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"  # MLflow's own setting
-SYSTEM_METRICS_INTERVAL = 10.0  # seconds: a point every 10 s, and one more as the run ends
-
-
-def system_metrics_on(enabled: bool = True) -> bool:
-    """Whether a run logs system metrics: ``enabled`` (a command's switch) and not turned off for
-    every command by ``ROCKCLS_SYSTEM_METRICS=false``."""
-    return enabled and os.environ.get(SYSTEM_METRICS_ENV, "").strip().lower() not in ("0", "false", "off", "no")
-
-
-@contextlib.contextmanager
-def system_metrics(run_id: str, *, label: str = "", enabled: bool = True, resume: bool = False) -> Iterator[None]:
-    """MLflow's system-metrics monitor (CPU, memory, disk, network, NVIDIA GPUs) on ``run_id``
-    while the block runs: its System Metrics tab. ``label`` names the process's device or node in
-    the metric names (``system/<label>/cpu_utilization_percentage``) when several processes log to
-    one run or its folds. Every run gets at least one point: the last sample is logged as it ends."""
-    if not system_metrics_on(enabled):
-        yield
-        return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL, samples_before_logging=1,
-                                   resume_logging=resume, node_id=label or None, tracking_uri=tracking_uri())
-    monitor.start()
-    try:
-        yield
-    except BaseException:
-        monitor.finish()  # no last sample: a failing run ends as fast as it can
-        raise
-    try:
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-    except Exception as exc:  # noqa: BLE001 - system metrics never fail the run they describe
-        log.debug("system metrics: last sample not logged (%s)", exc)
-    monitor.finish()
 
 
 def metric_steps(run_id: str, key: str) -> list[int]:
@@ -402,49 +341,11 @@ def log_image_file(run_id: str, image, artifact_file: str) -> None:
 def download(run_id: str, artifact_path: str, dst: str | None = None) -> Path:
     """The artifact, under ``dst`` (the caller's folder) or else under this process's download
     folder, which is removed when the process exits."""
-    dst = dst or tempfile.mkdtemp(dir=_download_root())
+    dst = dst or tempfile.mkdtemp(dir=download_root())
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=dst))
     except (MlflowException, OSError) as exc:
-        raise RockclsError(f"run {run_id}: artifact {artifact_path!r} unavailable ({str(exc).splitlines()[0][:160]})") from None
-
-
-DOWNLOADS_PREFIX = "rockcls-downloads-"
-_download_roots: dict[int, Path] = {}
-
-
-def _download_root() -> Path:
-    """One folder per process (a forked child makes its own), removed at exit; the folders of
-    processes that died without exiting (killed) are removed by the next process that downloads."""
-    pid = os.getpid()
-    if pid not in _download_roots:
-        _remove_orphaned_downloads()
-        _download_roots[pid] = Path(tempfile.mkdtemp(prefix=f"{DOWNLOADS_PREFIX}{pid}-"))
-        atexit.register(_remove_download_root, pid)
-    return _download_roots[pid]
-
-
-def _remove_download_root(pid: int) -> None:
-    if os.getpid() == pid:  # not in a forked child that inherited the handler
-        shutil.rmtree(_download_roots.pop(pid), ignore_errors=True)
-
-
-def _remove_orphaned_downloads() -> None:
-    for folder in Path(tempfile.gettempdir()).glob(f"{DOWNLOADS_PREFIX}*-*"):
-        pid = folder.name[len(DOWNLOADS_PREFIX):].split("-", 1)[0]
-        with contextlib.suppress(OSError):
-            if pid.isdigit() and folder.stat().st_uid == os.getuid() and not _alive(int(pid)):
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        raise RockclsError(f"run {run_id}: artifact {artifact_path!r} unavailable ({first_line(exc, 160)})") from None
 
 
 def list_artifacts(run_id: str, path: str | None = None) -> list[str]:
@@ -475,27 +376,9 @@ def search_runs(experiment: str, filter_string: str = "", order_by: Iterable[str
                                 order_by=list(order_by or []), max_results=max_results)
 
 
-def tracking_uri() -> str:
-    return mlflow.get_tracking_uri()
-
-
-def shown_uri() -> str:
-    """The tracking URI as it may be printed or logged (password masked)."""
-    uri = tracking_uri()
-    secrets.remember(uri)
-    return secrets.mask_url(uri)
-
-
 def delete_run(run_id: str) -> None:
     """Soft-delete: hidden from the UI and searches; ``mlflow gc`` removes it for good."""
     _retry(client().delete_run, run_id)
-
-
-def gc_command(run_id: str) -> str:
-    """The ``mlflow gc`` command that purges a deleted run from this tracking store."""
-    uri = shown_uri()
-    flag = "--tracking-uri" if uri.startswith(("http://", "https://")) else "--backend-store-uri"
-    return f"mlflow gc {flag} {uri} --run-ids {run_id}"
 
 
 def run_location(run_id: str) -> str:
@@ -503,9 +386,3 @@ def run_location(run_id: str) -> str:
     return f"experiment {experiment_name(get_run(run_id).info.experiment_id)!r}, tracking {shown_uri()}"
 
 
-def browse_hint() -> str:
-    """How to open the tracking store in a browser."""
-    uri = shown_uri()
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri}"

@@ -1,4 +1,6 @@
-"""Datasets on disk: indexing, decoding, validation, splits. The only module that opens images.
+"""Datasets on disk: the index of a class-folder tree or a CSV (paths, labels, ids), the problems
+found while indexing, and the fingerprints of the files. Images are opened by
+`rockcls.data.images` only; the split into folds is `rockcls.data.folds`.
 
 Indexing lists folders with ``os.scandir`` (no per-file ``stat``); validation decodes every image
 once, in threads (OpenCV releases the GIL), and caches the verdicts under a fingerprint of the
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -20,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from rockcls.core.errors import DataError
+from rockcls.core.errors import DataError, first_line
 from rockcls.core.text import hash_bytes, is_utf8, shown, utf8_escaped
 from rockcls.data.images import IMAGE_EXTENSIONS
 
@@ -277,7 +278,7 @@ def _index_csv(csv_path: Path, classes: Sequence[str] | None, labeled: bool) -> 
     try:
         df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"data: cannot read CSV {csv_path}: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"data: cannot read CSV {csv_path}: {first_line(exc, 300)}") from None
     required = ["img_path", "label"] if labeled else ["img_path"]
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -387,43 +388,3 @@ def write_atomic(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_bytes(payload)
     os.replace(tmp, path)
-
-
-def make_folds(labels: np.ndarray, *, folds: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Fold id of each sample: its validation fold. folds=1: 0 for the holdout, -1 train-only."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    counts = np.bincount(labels)
-    need = max(folds, 2)
-    if counts.min() < need:
-        cls = int(np.argmin(counts))
-        raise DataError(f"data: class #{cls} has {counts.min()} image(s), fewer than the {need} "
-                        f"a stratified split with folds={folds} needs")
-    fold_of = np.full(len(labels), -1, dtype=np.int64)
-    positions = np.arange(len(labels))
-    if folds == 1:
-        _check_holdout(len(labels), len(counts), val_fraction)
-        _, val = train_test_split(positions, test_size=val_fraction, stratify=labels, random_state=seed)
-        fold_of[val] = 0
-        return fold_of
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(positions, labels)):
-        fold_of[val] = k
-    return fold_of
-
-
-def _check_holdout(n: int, classes: int, val_fraction: float) -> None:
-    """A stratified holdout needs an image of every class on each side (as scikit-learn counts)."""
-    n_val = math.ceil(val_fraction * n)
-    if n_val < classes:
-        raise DataError(f"data: folds=1 with val_fraction={val_fraction} holds out {n_val} of {n} images, "
-                        f"fewer than the {classes} classes; raise val_fraction or add images")
-    if n - n_val < classes:
-        raise DataError(f"data: folds=1 with val_fraction={val_fraction} leaves {n - n_val} of {n} images "
-                        f"to train on, fewer than the {classes} classes; lower val_fraction or add images")
-
-
-def split_fingerprint(index: DatasetIndex, fold_of: np.ndarray) -> str:
-    h = hashlib.sha1(content_fingerprint(index).encode())
-    h.update(np.asarray(fold_of, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rockcls.core.errors import ConfigError, DataError, RockclsError
+from rockcls.core.errors import ConfigError, DataError, RockclsError, first_line
 from rockcls.core.progress import track
 from rockcls.data.images import MIN_SIDE
 from rockcls.data.sources import FileSource
@@ -201,7 +201,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> ModelSpe
         raise RockclsError(f"checkpoint {path}: {exc}") from None
     except (RuntimeError, ValueError, TypeError) as exc:
         raise RockclsError(f"checkpoint {path}: cannot build its {spec['backbone']!r} model "
-                           f"({str(exc).splitlines()[0][:160]})") from None
+                           f"({first_line(exc, 160)})") from None
     found = {k: tuple(t.shape) for k, t in ck["model"].items()}
     wrong = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
     if wrong:

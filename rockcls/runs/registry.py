@@ -29,8 +29,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from packaging.version import Version
 
-from rockcls.core import names, tracking
-from rockcls.core.errors import RockclsError
+from rockcls.core import names, store, tracking
+from rockcls.core.errors import RockclsError, first_line
 from rockcls.inference.predictor import Predictor, load_models
 from rockcls.inference.serving import (B64_COLUMN, MODEL_CONFIG, PATH_COLUMN, PixelBudget, RequestExpired,
                                       build_serve_limits, parse_batch_size, predict_request)
@@ -120,8 +120,8 @@ def load_registered_predictor(uri: str) -> Predictor:
     try:
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as exc:
-        raise RockclsError(f"model: cannot load {uri} from {tracking.shown_uri()}: "
-                           f"{str(exc).splitlines()[0][:200]}") from None
+        raise RockclsError(f"model: cannot load {uri} from {store.shown_uri()}: "
+                           f"{first_line(exc)}") from None
     try:
         inner = model.unwrap_python_model()
     except MlflowException:

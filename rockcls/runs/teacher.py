@@ -23,9 +23,9 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from rockcls.core import names, tracking
+from rockcls.core import names, store, tracking
 from rockcls.core.config import TrainConfig
-from rockcls.core.errors import ConfigError, DataError, RockclsError
+from rockcls.core.errors import ConfigError, DataError, RockclsError, first_line
 from rockcls.core.metrics import softmax
 from rockcls.data.cache import resolve_cache_dir
 from rockcls.data.index import index_dataset
@@ -85,8 +85,8 @@ def _registered(ref: str) -> tuple[str, str]:
             name, _, number = body.partition("/")
             version = client.get_model_version(name, number)
     except MlflowException as exc:
-        raise ConfigError(f"teacher: cannot find {ref} in {tracking.shown_uri()}: "
-                          f"{str(exc).splitlines()[0][:160]}") from None
+        raise ConfigError(f"teacher: cannot find {ref} in {store.shown_uri()}: "
+                          f"{first_line(exc, 160)}") from None
     run_id = version.tags.get(names.ENSEMBLE_RUN)
     if not run_id:
         raise ConfigError(f"teacher: {ref} is not a rockcls ensemble model (no {names.ENSEMBLE_RUN} tag)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial
 
-from rockcls.core import names, secrets, tracking
+from rockcls.core import names, secrets, store, tracking
 from rockcls.core.errors import ConfigError
 from rockcls.search.space import ATTR_RUN, REASON
 
@@ -59,7 +59,7 @@ def refuse_logged_password(storage: str) -> None:
     tracking.set_tags(env_run, {names.FAIL_REASON: "storage: a password in -P storage (logged as a parameter)"})
     raise ConfigError(f"storage: holds a password, which `mlflow run` has logged as a parameter of run {env_run} "
                       f"(now FAILED): erase it with `mlflow runs delete --run-id {env_run}` then "
-                      f"`{tracking.gc_command(env_run)}`, and pass the password in ${secrets.STORAGE_ENV} or "
+                      f"`{store.gc_command(env_run)}`, and pass the password in ${secrets.STORAGE_ENV} or "
                       f"~/.pgpass instead (-P storage=postgresql://user@host/db)")
 
 

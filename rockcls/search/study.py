@@ -21,12 +21,13 @@ from typing import Sequence
 
 import optuna
 
-from rockcls.core import tracking
+from rockcls.core import store, tracking
 from rockcls.core.config import (
     TrainConfig,
 )
 from rockcls.core.devices import parse_devices
-from rockcls.data.index import content_fingerprint, make_folds
+from rockcls.data.index import content_fingerprint
+from rockcls.data.folds import make_folds
 from rockcls.search.report import (
     StudyOutcome,
     close_study_run,
@@ -72,7 +73,7 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     index = load_dataset(base)  # bad data fails here once, not in every trial
     make_folds(index.labels, folds=base.folds, val_fraction=base.val_fraction, seed=base.split_seed)
     identity = study_identity(base, space, content_fingerprint(index))
-    url = resolve_storage_url(tune.storage, tracking.tracking_uri())
+    url = resolve_storage_url(tune.storage, store.tracking_uri())
     name = tune.study_name or default_study_name(identity, backbone_label(base, space))
     plan = StudyPlan(base, tune, sorted(fixed), name, url)
     storage = build_storage(url, heartbeat=tune.heartbeat, retries=tune.retries)

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import optuna
 
-from rockcls.core import tracking
+from rockcls.core import store, tracking
 from rockcls.core.config import with_overrides
 from rockcls.core.devices import child_device, device_env
 from rockcls.core.processes import interrupt_processes
@@ -74,7 +74,7 @@ def launch_workers(plan: StudyPlan, devices: Sequence[str]) -> list[int]:
 
 def worker_env(device: str, devices: Sequence[str], parent: Mapping[str, str]) -> dict[str, str]:
     """A worker's environment: pinned to its device, logging to this process's tracking store."""
-    return {**device_env(device, devices, parent), "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    return {**device_env(device, devices, parent), "MLFLOW_TRACKING_URI": store.tracking_uri()}
 
 
 def run_in_process(plan: StudyPlan) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rockcls.core.errors import RockclsError
+from rockcls.core.errors import RockclsError, first_line
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -59,7 +59,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise RockclsError(f"checkpoint {path} refused: it holds {_refused_object(exc)}, which a checkpoint "
                            f"never does (damaged or tampered with; loading it would run code)") from None
     except Exception as exc:  # torch raises many types for a torn or foreign file
-        raise RockclsError(f"checkpoint {path} cannot be read: {_first_line(exc)}") from None
+        raise RockclsError(f"checkpoint {path} cannot be read: {first_line(exc, 240)}") from None
     if not isinstance(ck, dict):
         raise RockclsError(f"checkpoint {path} holds a {type(ck).__name__}, not a checkpoint dict")
     for name, tensor in _tensors(ck):
@@ -74,20 +74,13 @@ def load_weights(module: torch.nn.Module, state: Any, path: str | os.PathLike, w
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as exc:
-        raise RockclsError(f"checkpoint {path}: its {what} state does not fit ({_first_line(exc)})") from None
+        raise RockclsError(f"checkpoint {path}: its {what} state does not fit ({first_line(exc, 240)})") from None
 
 
 def _refused_object(exc: pickle.UnpicklingError) -> str:
     # torch's message is 30 lines that end up suggesting weights_only=False: keep only what it refused.
     found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
     return found.group(1) if found else "an object that is not a tensor or plain value"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):  # "Error(s) in loading state_dict for X:", then the first error
-        lines = lines[1:]
-    return lines[0][:240] if lines else type(exc).__name__
 
 
 def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:

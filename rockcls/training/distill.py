@@ -4,7 +4,7 @@ The teacher is an ensemble of k-fold train runs on the student's split. For stud
 members' fold-k networks may teach (they never saw fold k), so the cache holds one mixture per
 fold: ``mix[k, i] = sum_m w_m softmax(z_mk(x_i))`` for every image i (in-sample for the rows fold k
 trained on, out-of-fold for fold k's own rows). The teacher's scores for fold k are
-``log(mix[k]) + bias``, the ensemble's own decision rule (`rockcls.runs.ensemble.blend`); a network
+``log(mix[k]) + bias``, the ensemble's own decision rule (`rockcls.runs.voting.blend`); a network
 fitted on all images learns from ``log(mean_k mix[k]) + bias``, what the registered ensemble
 itself predicts. The file is written by `rockcls.runs.teacher` and read here.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rockcls.core.errors import ConfigError
+from rockcls.core.errors import ConfigError, first_line
 from rockcls.training.checkpoint import write_npz_atomic
 
 FORMAT = 1
@@ -77,7 +77,7 @@ def load_teacher(path: str | Path) -> TeacherTargets:
                                      z["bias"].astype(np.float64), [str(c) for c in z["classes"]], meta)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"teacher_file: {path} is not a rockcls teacher file ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}); run distill again "
+                          f"{first_line(exc, 120)}); run distill again "
                           f"to rebuild it") from None
     if meta.get("format") != FORMAT or targets.mix.ndim != 3 or targets.mix.shape[1] != len(targets.ids):
         raise ConfigError(f"teacher_file: {path} has an unknown layout; run distill again to rebuild it")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from rockcls.core.errors import ConfigError, RockclsError
+from rockcls.core.errors import ConfigError, RockclsError, first_line
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600
@@ -107,7 +107,7 @@ def session(device: str) -> Iterator[Dist]:
         try:
             tdist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s()))
         except (RuntimeError, ValueError) as exc:
-            raise RankLost(f"distributed: rank {rank} could not join the process group ({_first_line(exc)})") from None
+            raise RankLost(f"distributed: rank {rank} could not join the process group ({first_line(exc, 300)})") from None
         if rank != 0:  # one stream of progress lines: rank 0's (the others still report problems)
             logging.getLogger("rockcls").setLevel(logging.WARNING)
         try:
@@ -138,17 +138,12 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated("terminated by SIGTERM (under torchrun: another rank failed, or the job was stopped)")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 @contextlib.contextmanager
 def _collective(what: str) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, tdist.DistError) as exc:
-        raise RankLost(f"distributed: {what} failed: a rank died or stopped answering ({_first_line(exc)})") from None
+        raise RankLost(f"distributed: {what} failed: a rank died or stopped answering ({first_line(exc, 300)})") from None
 
 
 def from_main(d: Dist, make: Callable[[], T]) -> T:

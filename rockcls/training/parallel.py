@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
 
-from rockcls.core import tracking
+from rockcls.core import store
 from rockcls.core.config import TrainConfig, save_yaml
 from rockcls.core.devices import child_device, device_env
 from rockcls.core.errors import RockclsError
@@ -41,7 +41,7 @@ class FoldProcess:
     """One fold's worker process and the last lines it wrote (its failure reason if it dies)."""
 
     fold: int
-    device: str
+    shown: str  # how messages name its device: "GPU 0", "cpu"
     proc: subprocess.Popen
     tail: deque = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     reader: threading.Thread | None = None
@@ -57,7 +57,7 @@ class FoldProcess:
                 how = f"killed by signal {-code}"
         errors = [line for line in self.tail if "error" in line.lower() or "Error" in line]
         last = errors[-1] if errors else (self.tail[-1] if self.tail else "")
-        return f"fold {self.fold} process on {self.device} {how}" + (f": {last.strip()[:300]}" if last else "")
+        return f"fold {self.fold} process on {self.shown} {how}" + (f": {last.strip()[:300]}" if last else "")
 
 
 def run_folds_in_processes(cfg: TrainConfig, parent_id: str, folds: Sequence[int],
@@ -112,7 +112,7 @@ def schedule(config: Path, parent_id: str, devices: Sequence[str], pending: dequ
 def start_fold(config: Path, parent_id: str, fold: int, device: str, devices: Sequence[str]) -> FoldProcess:
     cmd = [sys.executable, "-m", "rockcls.training.fold_worker", "--config", str(config), "--parent", parent_id,
            "--fold", str(fold), "--device", child_device(device)]
-    env = {**device_env(device, devices, os.environ), "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+    env = {**device_env(device, devices, os.environ), "MLFLOW_TRACKING_URI": store.tracking_uri(),
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")

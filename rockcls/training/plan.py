@@ -17,7 +17,8 @@ from rockcls.core.config import TrainConfig
 from rockcls.core.devices import parse_devices
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.data.cache import CacheSettings, cache_settings
-from rockcls.data.index import DatasetIndex, content_fingerprint, index_dataset, make_folds, split_fingerprint
+from rockcls.data.index import DatasetIndex, content_fingerprint, index_dataset
+from rockcls.data.folds import make_folds, split_fingerprint
 from rockcls.data.sources import open_source, validate_images
 from rockcls.training import distributed
 from rockcls.training.device import resolve_amp, resolve_device

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from rockcls.core import gallery, names, tracking
+from rockcls.core import gallery, names, system_metrics, tracking
 from rockcls.core.config import TrainConfig, build_config, command_flags, save_yaml
 from rockcls.core.errors import RockclsError
 from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1, safe_name
@@ -53,7 +53,7 @@ def system_metrics_on_main(dist: Dist, run_id: str, cfg: TrainConfig, *, label: 
     are not sampled); ``label`` names a fold process's device when folds run in processes."""
     if not dist.main:
         return contextlib.nullcontext()
-    return tracking.system_metrics(run_id, label=label, enabled=cfg.system_metrics, resume=resume)
+    return system_metrics.system_metrics(run_id, label=label, enabled=cfg.system_metrics, resume=resume)
 
 
 # ----------------------------------------------------------------- the parent run

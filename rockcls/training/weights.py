@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from rockcls.core.errors import ConfigError
+from rockcls.core.errors import ConfigError, first_line
 
 log = logging.getLogger("rockcls")
 
@@ -150,7 +150,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a foreign or torn file
         raise ConfigError(f"pretrained_path: {path} is not a readable weights file "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+                          f"({type(exc).__name__}: {first_line(exc, 160)})") from None
     for key in NESTED_KEYS:
         if isinstance(raw, dict) and isinstance(raw.get(key), dict):
             raw = raw[key]
