@@ -9,6 +9,7 @@ import yaml
 
 from rockcls.core.config import (
     AUTO_LR_PRETRAINED,
+    AUTO_LR_PRETRAINED_ATTENTION,
     AUTO_LR_SCRATCH,
     TrainConfig,
     add_config_arguments,
@@ -17,6 +18,7 @@ from rockcls.core.config import (
     presets,
 )
 from rockcls.core.errors import ConfigError
+from rockcls.training.models import automatic_lr, has_attention, resolve_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +27,19 @@ def test_defaults_are_the_measured_recipe():
     cfg = build_config(TrainConfig, {})
     assert (cfg.backbone, cfg.img_size, cfg.folds, cfg.augment, cfg.tta) == ("davit_base", 0, 5, "d4", "d4")
     assert (cfg.hn_ratio, cfg.balanced_ratio, cfg.grad_clip, cfg.select) == (0.0, 0.0, 0.0, "last")
-    # lr 0 = auto: high from random initialisation, low from pretrained weights
-    assert cfg.lr == 0 and cfg.peak_lr() == AUTO_LR_PRETRAINED
-    assert build_config(TrainConfig, {"pretrained": "false"}).peak_lr() == AUTO_LR_SCRATCH
-    assert build_config(TrainConfig, {"pretrained": "false", "pretrained_path": "w.pth"}).peak_lr() == AUTO_LR_PRETRAINED
-    assert build_config(TrainConfig, {"lr": "0.01"}).peak_lr() == 0.01
+    # lr 0 = auto: high from random initialisation, low from pretrained weights, lower still for
+    # pretrained attention blocks (the default davit_base is one: 1e-3 spoiled it)
+    assert cfg.lr == 0 and automatic_lr(cfg) == AUTO_LR_PRETRAINED_ATTENTION < AUTO_LR_PRETRAINED
+    conv = {"backbone": "efficientnet_lite0"}
+    assert automatic_lr(build_config(TrainConfig, conv)) == AUTO_LR_PRETRAINED
+    assert automatic_lr(build_config(TrainConfig, {**conv, "pretrained": "false"})) == AUTO_LR_SCRATCH
+    assert automatic_lr(build_config(TrainConfig, {"pretrained": "false"})) == AUTO_LR_SCRATCH
+    assert automatic_lr(build_config(TrainConfig, {**conv, "pretrained": "false", "pretrained_path": "w.pth"})) == AUTO_LR_PRETRAINED
+    assert automatic_lr(build_config(TrainConfig, {"lr": "0.01"})) == 0.01
+    assert [has_attention(b) for b in ("test_vit", "swin_tiny_patch4_window7_224", "test_efficientnet", "convnext_tiny")] == [
+        True, True, False, False]
+    resolved, chosen = resolve_auto(build_config(TrainConfig, {"backbone": "test_vit"}))
+    assert resolved.lr == AUTO_LR_PRETRAINED_ATTENTION and "lr 0.0002 (fine-tuning pretrained weights with attention" in chosen
 
 
 def test_seed_preset_is_reachable_by_name_and_overridable(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT_MODES = ("last", "best")
 AUTO_LR_SCRATCH = 2e-3
 AUTO_LR_PRETRAINED = 1e-3
+AUTO_LR_PRETRAINED_ATTENTION = 2e-4  # pretrained backbones with attention blocks (ViT, Swin, DaViT, ...)
 AUTO_IMG_SIZE = 224  # img_size auto for a backbone whose timm config names no resolution
 MIN_IMG_SIZE = 16
 TTA_MODES = ("none", "flip", "d4")
@@ -65,7 +66,8 @@ class TrainConfig:
     batch_size: int = option(32, "micro-batch size", min=1)
     accumulation_steps: int = option(1, "micro-batches per optimizer step", min=1)
     lr: float = option(0.0, f"peak learning rate; 0 = auto: {AUTO_LR_SCRATCH:g} from random initialisation, "
-                          f"{AUTO_LR_PRETRAINED:g} from pretrained weights", min=0.0)
+                          f"{AUTO_LR_PRETRAINED:g} from pretrained weights, {AUTO_LR_PRETRAINED_ATTENTION:g} from "
+                          f"pretrained weights of a backbone with attention blocks (ViT, Swin, DaViT)", min=0.0)
     optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "weight decay", min=0.0)
     warmup_epochs: float = option(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)

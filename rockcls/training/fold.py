@@ -109,7 +109,7 @@ class FoldTrainer:
                                            seed=self.cfg.seed * 100 + fold, num_replicas=batches.num_replicas,
                                            rank=self.dist.rank)
         steps = len(self.sampler) // self.cfg.accumulation_steps
-        self.lr_at = cosine_with_warmup(base_lr=self.cfg.peak_lr(), total_steps=steps * self.cfg.epochs,
+        self.lr_at = cosine_with_warmup(base_lr=self.cfg.lr, total_steps=steps * self.cfg.epochs,
                                         warmup_steps=int(round(self.cfg.warmup_epochs * steps)))
         self.settings = StepSettings(device=plan.device, mean=tuple(self.spec["mean"]), std=tuple(self.spec["std"]),
                                      accumulation_steps=self.cfg.accumulation_steps,
@@ -331,16 +331,18 @@ class FoldTrainer:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` at ``cfg.lr`` (resolved by the plan: never 0 here); no weight decay on
+    biases and normalisation weights."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.peak_lr())
+        return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.peak_lr())
-    return torch.optim.SGD(groups, lr=cfg.peak_lr(), momentum=0.9, nesterov=True)
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
 
 
 def seed_worker(worker_id: int) -> None:

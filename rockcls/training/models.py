@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,14 @@ from typing import Any
 import timm
 import torch
 
-from rockcls.core.config import AUTO_IMG_SIZE, TrainConfig, default_cache_dir
+from rockcls.core.config import (
+    AUTO_IMG_SIZE,
+    AUTO_LR_PRETRAINED,
+    AUTO_LR_PRETRAINED_ATTENTION,
+    AUTO_LR_SCRATCH,
+    TrainConfig,
+    default_cache_dir,
+)
 from rockcls.core.errors import ConfigError, first_line
 from rockcls.training.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rockcls.training.weights import (
@@ -52,9 +60,33 @@ def resolve_auto(cfg: TrainConfig) -> tuple[TrainConfig, str]:
         cfg = dataclasses.replace(cfg, img_size=native_img_size(cfg.backbone))
         chosen.append(f"img_size {cfg.img_size} px ({cfg.backbone}'s native resolution)")
     if cfg.lr == 0:
-        chosen.append(f"lr {cfg.peak_lr():g} (" + ("fine-tuning pretrained weights" if cfg.uses_pretrained()
-                                                   else "training from random initialisation") + ")")
+        cfg = dataclasses.replace(cfg, lr=automatic_lr(cfg))
+        reason = ("training from random initialisation" if not cfg.uses_pretrained() else
+                  "fine-tuning pretrained weights with attention blocks" if has_attention(cfg.backbone) else
+                  "fine-tuning pretrained weights")
+        chosen.append(f"lr {cfg.lr:g} ({reason})")
     return cfg, "; ".join(chosen)
+
+
+def automatic_lr(cfg: TrainConfig) -> float:
+    """``cfg.lr``, or the measured default when it is 0 (docs/benchmarks.md, accuracy ablation):
+    a network trained from scratch wants a high rate; pretrained weights are spoiled by one, and
+    pretrained attention blocks (ViT, Swin, DaViT) by a rate that suits convolutions."""
+    if cfg.lr > 0:
+        return cfg.lr
+    if not cfg.uses_pretrained():
+        return AUTO_LR_SCRATCH
+    return AUTO_LR_PRETRAINED_ATTENTION if has_attention(cfg.backbone) else AUTO_LR_PRETRAINED
+
+
+@functools.lru_cache(maxsize=64)
+def has_attention(backbone: str) -> bool:
+    """Whether ``backbone`` has attention blocks (a module class named ...Attention...: timm's ViT,
+    Swin, DaViT, MaxViT, CoAtNet attention). Built on the meta device: no memory, no weights."""
+    check_backbone(backbone)
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False)
+    return any("Attention" in type(m).__name__ for m in model.modules())
 
 
 def build_model(backbone: str, num_classes: int, *, pretrained: bool = False, pretrained_path: str = "",

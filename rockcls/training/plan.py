@@ -104,7 +104,6 @@ def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, kind: str = "train", de
     weights = describe_weights(cfg, len(index.classes), cache) if describe and dist.main else {}
     derived = {
         **batches.report(int((fold_of != 0).sum())),
-        "peak_lr": cfg.peak_lr(),
         "num_images": len(index),
         "num_classes": len(index.classes),
         "num_skipped": len(index.skipped),
