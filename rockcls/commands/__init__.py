@@ -1,1 +1,1 @@
-"""The command lines on top: train, predict, ensemble, prepare, demo, and the `python -m rockcls` dispatcher (cli)."""
+"""The command lines on top: train, distill, predict, evaluate, ensemble, prepare, demo, and the `python -m rockcls` dispatcher (cli)."""

@@ -209,19 +209,19 @@ def log_evaluation(run_id: str, cfg: EvaluateConfig, index: DatasetIndex, pred: 
     tracking.log_linked_metrics(run_id, {**scores.metrics, "num_left_out": float(len(left_out))},
                                 dataset_name=name, dataset_digest=fingerprint, model_id=model_id)
     frame = predictions_table(index, pred)
-    tracking.log_text(run_id, frame.to_csv(index=False), "predictions.csv")
-    tracking.log_text(run_id, scores.per_class.to_csv(index=False), "per_class.csv")
+    tracking.log_text(run_id, frame.to_csv(index=False), names.PREDICTIONS_FILE)
+    tracking.log_text(run_id, scores.per_class.to_csv(index=False), names.PER_CLASS_FILE)
     tracking.log_figure(run_id, confusion_figure(labels, probs.argmax(1), index.classes,
                                                  f"{name}: counts, colour = row share"),
-                        "confusion_matrix_rows.png")  # MLflow's evaluator writes confusion_matrix.png
+                        names.CONFUSION_ROWS_FIGURE)
     tracking.log_figure(run_id, reliability_figure(labels, probs, f"ECE {scores.metrics['ece']:.3f}"),
-                        "reliability.png")
+                        names.RELIABILITY_FIGURE)
     if left_out:
-        tracking.log_text(run_id, "where\tproblem\n" + "".join(f"{w}\t{p}\n" for w, p in left_out), "problems.tsv")
+        tracking.log_text(run_id, "where\tproblem\n" + "".join(f"{w}\t{p}\n" for w, p in left_out), names.PROBLEMS_FILE)
     if cfg.gallery_size:
         log_gallery(run_id, FileSource(index.paths), confidently_wrong(index, pred, cfg.gallery_size),
-                    key="confidently_wrong", step=0, table_file="confidently_wrong.csv",
-                    image_file="confidently_wrong.png")
+                    key=names.CONFIDENTLY_WRONG, step=0, table_file=f"{names.CONFIDENTLY_WRONG}.csv",
+                    image_file=f"{names.CONFIDENTLY_WRONG}.png")
     if cfg.mlflow_evaluate:
         mlflow_classifier_evaluation(run_id, frame, list(index.classes), name, model_id)
 
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         raise DataError(f"data: no image of {cfg.data} has a label the model knows ({', '.join(predictor.classes)})")
     tta = predictor.tta if cfg.tta == "auto" else cfg.tta
     run_id = tracking.start_run(experiment=cfg.experiment, name="evaluate", kind="evaluate", adopt_env_run=True,
-                                tags={"rockcls.model": cfg.model})
+                                tags={names.MODEL: cfg.model})
     with tracking.closing(run_id), system_metrics.system_metrics(run_id):
         pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,
                                  num_workers=cfg.num_workers)

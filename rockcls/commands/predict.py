@@ -93,7 +93,7 @@ def log_prediction(run_id: str, cfg: PredictConfig, pred: Prediction, predictor:
     for path in files:
         tracking.log_file(run_id, path)
     if bad:
-        tracking.log_text(run_id, "row\terror\n" + "".join(f"{i}\t{e}\n" for i, e in bad), "errors.tsv")
+        tracking.log_text(run_id, "row\terror\n" + "".join(f"{i}\t{e}\n" for i, e in bad), names.ERRORS_FILE)
 
 
 def describe_prediction(cfg: PredictConfig, predictor: Predictor, tta: str, n: int, unreadable: int) -> str:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     # The run opens before the work, so its System Metrics tab covers the prediction; the CSV is
     # written before anything is logged, so no logging problem can lose the predictions.
     run_id = tracking.start_run(experiment=cfg.experiment, name="predict", kind="predict", adopt_env_run=True,
-                                tags={"rockcls.model": cfg.model})
+                                tags={names.MODEL: cfg.model})
     with tracking.closing(run_id), system_metrics.system_metrics(run_id):
         pred = predictor.predict(index.paths, tta=tta, batch_size=cfg.batch_size, device=device,
                                  num_workers=cfg.num_workers)

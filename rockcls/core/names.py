@@ -34,6 +34,10 @@ TTA = "rockcls.tta"
 NETWORKS = "rockcls.networks"  # a registered version's networks: folds (k per member) or full (one per member)
 ENSEMBLE_RUN = "rockcls.ensemble_run"
 MODEL_URI = "rockcls.model_uri"
+REGISTERED_MODEL = "rockcls.registered_model"  # on an ensemble run: the name it was registered under
+MODEL_VERSION = "rockcls.model_version"  # ... the version it became
+CHAMPION = "rockcls.champion"  # ... "true" when that version took @champion
+MODEL = "rockcls.model"  # on a predict or evaluate run: the model it used (run id or models:/ URI)
 SCORE = "rockcls.macro_f1"  # the honest score on a registered version; @champion compares it
 
 # --------------------------------------------------------------------- the Optuna study
@@ -55,10 +59,18 @@ CONFUSION_FIGURE = "confusion_matrix.png"  # a train or ensemble run's OOF confu
 SKIPPED_FILE = "skipped_images.tsv"  # the images a run left out (skip_bad_images) and why
 ENSEMBLE_FILE = "ensemble.json"
 TEACHER_DIR = "teacher"  # a distilled run's cached teacher probabilities (teacher/<key>.npz)
+SCORES_FILE = "scores.csv"  # an ensemble run's candidates and their honest scores
+ERRORS_FILE = "errors.tsv"  # a predict run's unreadable rows
+PREDICTIONS_FILE = "predictions.csv"  # an evaluate run's predictions table
+PER_CLASS_FILE = "per_class.csv"  # ... its per-class precision, recall and F1
+CONFUSION_ROWS_FIGURE = "confusion_matrix_rows.png"  # ... counts coloured by row share (MLflow writes CONFUSION_FIGURE)
+RELIABILITY_FIGURE = "reliability.png"  # ... its reliability diagram
+PROBLEMS_FILE = "problems.tsv"  # ... the rows it left out and why
 
 # --------------------------------------------------------------------- hard examples (a fold run's galleries)
 # Image keys: the run page shows each key's images with a step (epoch) slider.
 HARDEST_OOF = "hardest_oof"  # the kept weights' highest-loss out-of-fold images (step = kept epoch)
 HARDEST_VAL = "hardest_val"  # every gallery_every epochs: that epoch's highest-loss validation images
 HN_MEMORY = "hn_memory"  # what the hard-negative memory holds (step = epoch)
+CONFIDENTLY_WRONG = "confidently_wrong"  # an evaluate run's most confidently wrong images (its own folder: none)
 GALLERY_DIR = "hard_examples"  # the galleries' tables (<key>[_epoch_<n>].csv) and the final grid's PNG

@@ -1,1 +1,1 @@
-"""Images and datasets: safe decoding (images), folder/CSV indexing, folds and fingerprints (index), the decode-once cache (cache), and what feeds training (sources). Imports only rockcls.core."""
+"""Images and datasets: safe decoding (images), folder/CSV indexing and fingerprints (index), folds and the split fingerprint (folds), the decode-once cache and its settings (cache), and what feeds training (sources). Imports only rockcls.core."""

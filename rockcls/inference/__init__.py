@@ -1,1 +1,1 @@
-"""Prediction from fold checkpoints with test-time views (predictor). Imports core, data and training."""
+"""Prediction from fold checkpoints with test-time views (predictor), and what a served model accepts from a request and what one request may cost (serving). Imports core, data and training."""

@@ -1,1 +1,1 @@
-"""What lives in the tracking store: finding train runs (lookup), the ensemble fit over their out-of-fold logits (ensemble), and the registered pyfunc model (registry)."""
+"""What lives in the tracking store: finding train runs (lookup), the ensemble fit over their out-of-fold logits (ensemble, with its weight search in voting), the registered pyfunc model (registry) and a distilled run's teacher (teacher)."""

@@ -322,7 +322,7 @@ def log_ensemble(fit: EnsembleFit, *, experiment: str, params: dict[str, Any] | 
             **{f"bias.{safe_name(c)}": float(v) for c, v in zip(fit.classes, fit.bias)},
             **{f"ensemble_f1.{safe_name(c)}": v for c, v in fit.crossfit_per_class.items()}})
         tracking.log_dict(run_id, fit.to_dict(), names.ENSEMBLE_FILE)
-        tracking.log_text(run_id, fit.score_table().to_csv(index=False), "scores.csv")
+        tracking.log_text(run_id, fit.score_table().to_csv(index=False), names.SCORES_FILE)
         tracking.log_figure(run_id, confusion_figure(fit.labels, fit.crossfit_preds, fit.classes,
                                                      f"cross-fitted macro-F1 {fit.crossfit_score:.4f}"),
                             names.CONFUSION_FIGURE)

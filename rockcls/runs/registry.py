@@ -249,8 +249,8 @@ def register_ensemble(fit: EnsembleFit, *, name: str, run_id: str, tta: str = "n
             names.NETWORKS: networks, names.SPLIT_FINGERPRINT: fit.split.get(names.SPLIT_FINGERPRINT, "")}
     version = mlflow.register_model(info.model_uri, name, tags=tags).version
     moved, reason = update_champion(name, str(version), fit.score, force=force)
-    tracking.set_tags(run_id, {names.MODEL_URI: info.model_uri, "rockcls.registered_model": name,
-                               "rockcls.model_version": str(version), "rockcls.champion": str(moved).lower()})
+    tracking.set_tags(run_id, {names.MODEL_URI: info.model_uri, names.REGISTERED_MODEL: name,
+                               names.MODEL_VERSION: str(version), names.CHAMPION: str(moved).lower()})
     reg = Registration(name, str(version), f"models:/{name}/{version}", fit.score, moved, reason)
     describe_registration(fit, reg, run_id=run_id, tta=tta, networks=networks)
     log.info("%s", reg.summary())

@@ -41,6 +41,7 @@ from rockcls.training.transforms import (
 log = logging.getLogger("rockcls")
 
 EpochHook = Callable[[int, int, dict[str, float]], None]
+LAST_CHECKPOINT = "last.pt"  # a fold's local state after each epoch (what resume reads); never logged
 
 
 @dataclass
@@ -152,7 +153,7 @@ class FoldTrainer:
 
     def restore(self) -> None:
         """Continue from last.pt, as rank 0 reads it (under torchrun it is sent to every rank)."""
-        last = self.dir / "last.pt"
+        last = self.dir / LAST_CHECKPOINT
         ck = from_main(self.dist, lambda: load_checkpoint(last, map_location="cpu") if last.is_file() else None)
         if ck is None:
             return
@@ -207,7 +208,7 @@ class FoldTrainer:
         self.state.epoch, self.state.step = epoch + 1, tr["steps"]
         if not self.dist.main:
             return metrics
-        save_checkpoint(self.checkpoint(metrics), self.dir / "last.pt")
+        save_checkpoint(self.checkpoint(metrics), self.dir / LAST_CHECKPOINT)
         self._drop_stale_best()
         tracking.log_metrics(self.run_id, metrics, step=epoch)
         self._log_epoch_galleries(epoch, ev)
