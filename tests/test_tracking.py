@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from rockcls.commands import ensemble as ensemble_cmd
 from rockcls.commands import predict
-from rockcls.core import downloads, names, store, tracking
+from rockcls.core import downloads, experiments, names, store, tracking
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.runs import ensemble
 from rockcls.training.trainer import run_training
@@ -26,8 +26,8 @@ NAME = "rockcls-ui"
 
 def test_experiment_is_the_option_else_rockcls(mlflow_store) -> None:
     client = MlflowClient()
-    assert client.get_experiment(tracking.experiment_id("")).name == "rockcls"
-    assert client.get_experiment(tracking.experiment_id("mine")).name == "mine"
+    assert client.get_experiment(experiments.experiment_id("")).name == "rockcls"
+    assert client.get_experiment(experiments.experiment_id("mine")).name == "mine"
     assert names.NOTE in client.get_experiment_by_name("mine").tags  # described when rockcls creates it
 
 
@@ -35,11 +35,11 @@ def test_experiment_chosen_by_mlflow_run_wins_and_a_conflicting_option_is_refuse
     chosen = MlflowClient().create_experiment("picked-by-mlflow-run")
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", chosen)
-    assert tracking.experiment_id("") == chosen
-    assert tracking.experiment_id("picked-by-mlflow-run") == chosen
+    assert experiments.experiment_id("") == chosen
+    assert experiments.experiment_id("picked-by-mlflow-run") == chosen
     with pytest.raises(ConfigError, match=r"experiment: 'rockcls' cannot take effect: `mlflow run` chose experiment "
                                           r"'picked-by-mlflow-run'; give `--experiment-name rockcls` to mlflow run"):
-        tracking.experiment_id("rockcls")
+        experiments.experiment_id("rockcls")
 
 
 def test_experiment_made_by_mlflow_run_gets_a_description_but_default_is_left_alone(mlflow_store, monkeypatch) -> None:
@@ -48,23 +48,23 @@ def test_experiment_made_by_mlflow_run_gets_a_description_but_default_is_left_al
     monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
     for exp_id in (named, "0"):
         monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)
-        assert tracking.experiment_id("") == exp_id
-    assert client.get_experiment(named).tags[names.NOTE] == tracking.EXPERIMENT_NOTE
+        assert experiments.experiment_id("") == exp_id
+    assert client.get_experiment(named).tags[names.NOTE] == experiments.EXPERIMENT_NOTE
     assert names.NOTE not in client.get_experiment("0").tags
 
 
 def test_mlflow_experiment_name_variable_wins_over_the_default(mlflow_store, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
-    assert MlflowClient().get_experiment(tracking.experiment_id("")).name == "from-env"
+    assert MlflowClient().get_experiment(experiments.experiment_id("")).name == "from-env"
     with pytest.raises(ConfigError, match="unset MLFLOW_EXPERIMENT_NAME or leave experiment empty"):
-        tracking.experiment_id("other")
+        experiments.experiment_id("other")
 
 
 def test_searching_a_missing_experiment_does_not_create_it(mlflow_store) -> None:
     with pytest.raises(RockclsError, match="experiment 'nowhere' not found"):
         ensemble.top_runs("nowhere", 2)
     assert MlflowClient().get_experiment_by_name("nowhere") is None
-    tracking.experiment_id("")
+    experiments.experiment_id("")
     with pytest.raises(RockclsError, match="experiment 'rockcls' has no completed train run"):
         ensemble.top_runs("", 2)  # the error names the experiment searched, not the empty option
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from rockcls.commands import ensemble, predict
 from rockcls.commands import train as train_command
-from rockcls.core import store, tracking
+from rockcls.core import experiments, store
 from rockcls.core.config import TrainConfig, build_config
 from rockcls.data.synthetic import TEXTURES, make_dataset
 from rockcls.search.space import TuneConfig, build_search_config
@@ -58,8 +58,8 @@ def demo_config(train: Path, backbone: str, args: argparse.Namespace) -> TrainCo
 
 def demo_experiment(requested: str) -> str:
     """The one experiment every demo run goes to."""
-    chosen = tracking.chosen_experiment()
-    return requested or (tracking.experiment_name(chosen[0]) if chosen else "rockcls-demo")
+    chosen = experiments.chosen_experiment()
+    return requested or (experiments.experiment_name(chosen[0]) if chosen else "rockcls-demo")
 
 
 def predict_and_score(run_id: str, test_csv: Path, out: Path, experiment: str) -> float:

@@ -27,7 +27,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
 
 from rockcls.commands.predict import load_predictor
-from rockcls.core import names, system_metrics, tracking
+from rockcls.core import names, store, system_metrics, tracking
 from rockcls.core.config import EXPERIMENT_DEFAULT, add_config_arguments, command_flags, config_from_args, option
 from rockcls.core.errors import ConfigError, DataError
 from rockcls.core.gallery import Example, log_gallery
@@ -144,7 +144,7 @@ def logged_model_id(ref: str) -> str | None:
     """The MLflow LoggedModel behind ``ref`` (a registered version, or an ensemble run's model); a
     train run has none (its checkpoints are artifacts, not a logged model)."""
     kind, target = parse_model_ref(ref)
-    client = tracking.client()
+    client = store.client()
     if kind == "run":
         uri = tracking.get_run(target).data.tags.get(names.MODEL_URI)
         if not uri:

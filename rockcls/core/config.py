@@ -309,5 +309,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "rockcls"
 
 
+def config_text(cfg: Any) -> str:
+    """``cfg`` as the YAML file that rebuilds it (``--config``)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    path.write_text(config_text(cfg))

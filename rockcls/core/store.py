@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 import mlflow  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls.core import secrets  # noqa: E402
-from rockcls.core.errors import ConfigError  # noqa: E402
+from rockcls.core.errors import ConfigError, RockclsError  # noqa: E402
 
 
 # The pip package that brings each database driver SQLAlchemy may ask for.
@@ -65,3 +68,27 @@ def browse_hint() -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def client() -> MlflowClient:
+    check_driver(tracking_uri())
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return MlflowClient()  # a database store connects (and creates its tables) here, once per process
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise RockclsError(f"tracking store {shown_uri()} cannot be opened: "
+                           f"{secrets.hide(detail[0] if detail else type(exc).__name__)[:200]}") from None
+
+
+def retry(fn, *args, attempts: int = 6, **kwargs):
+    """SQLite tracking stores report 'database is locked' under concurrent writers: back off."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** i)
+    return None

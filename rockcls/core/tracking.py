@@ -1,14 +1,11 @@
-"""Everything about runs in MLflow: experiments, runs, params, metrics, artifacts, and the context
-manager that ends a run (`closing`). The registry and the pyfunc model are in `rockcls.runs.registry`;
-the other modules log only through this one.
+"""Everything about runs in MLflow: runs, params, metrics, artifacts, dataset inputs, a step's
+writes gathered in one `RunUpdate`, and the context manager that ends a run (`closing`). Which
+store (`rockcls.core.store`) and which experiment (`rockcls.core.experiments`) are decided
+beside it; the registry and the pyfunc model are in `rockcls.runs.registry`; the other modules
+log only through these.
 
 Runs are addressed by id through ``MlflowClient`` (no global active-run stack), so a train
 run can nest under a study/trial run and several processes can log side by side.
-
-Every command finds its experiment by one rule (`experiment_id`): the one ``mlflow run`` chose
-(its ``--experiment-name``, else Default), else ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``,
-else the ``experiment`` option, else ``rockcls``. So train, ensemble, predict and tune runs of one
-workflow land in one experiment and find each other however they are started.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -29,120 +27,19 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 import mlflow  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls.core import names, secrets
 from rockcls.core.downloads import download_root  # noqa: E402
-from rockcls.core.store import check_driver, shown_uri, tracking_uri  # noqa: E402
+from rockcls.core.experiments import experiment_id, experiment_name  # noqa: E402
+from rockcls.core.store import client, retry, shown_uri  # noqa: E402
 from rockcls.core.config import FALSE_WORDS, TRUE_WORDS  # noqa: E402
-from rockcls.core.errors import ConfigError, RockclsError, RunStopped, first_line  # noqa: E402
+from rockcls.core.errors import RockclsError, RunStopped, first_line  # noqa: E402
 
 log = logging.getLogger("rockcls")
 
-DEFAULT_EXPERIMENT = "rockcls"
-DEFAULT_EXPERIMENT_ID = "0"  # MLflow's Default experiment
 MAX_PARAM_LEN = 6000
 # How `mlflow run` logs a parameter left empty (it logs the shell-quoted value).
 NOT_GIVEN = ("", "''")
-# One line per item: the MLflow UI renders a single newline as a line break.
-EXPERIMENT_NOTE = """Runs of rockcls image classification, one kind per `rockcls.kind` tag:
-
-* **train**: k-fold training of one backbone (children: one **fold** run each); score `cv_macro_f1` (out-of-fold macro-F1). Repeat one with the command line in its description.
-* **ensemble**: weighted soft voting of train runs, scored honestly (`ensemble_macro_f1`, cross-fitted); its logged model is in this experiment's Models tab, registered versions in the registry.
-* **study** (children: **trial** runs, the study's **ensemble**): an Optuna search; `best_macro_f1` per finished trial.
-* **predict**: predictions of a folder or CSV with a train run or registered model.
-
-Sort by `metrics.cv_macro_f1` to rank train runs; `rockcls ensemble --top K` takes the best K.
-"""
-
-
-def client() -> MlflowClient:
-    check_driver(tracking_uri())
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        return MlflowClient()  # a database store connects (and creates its tables) here, once per process
-    except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise RockclsError(f"tracking store {shown_uri()} cannot be opened: "
-                           f"{secrets.hide(detail[0] if detail else type(exc).__name__)[:200]}") from None
-
-
-def _retry(fn, *args, attempts: int = 6, **kwargs):
-    """SQLite tracking stores report 'database is locked' under concurrent writers: back off."""
-    for i in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except MlflowException as exc:
-            if "locked" not in str(exc).lower() or i == attempts - 1:
-                raise
-            time.sleep(0.2 * 2 ** i)
-    return None
-
-
-def chosen_experiment() -> tuple[str, str] | None:
-    """(experiment id, what chose it) when the environment chose the experiment, else None.
-
-    ``mlflow run`` creates its run before rockcls starts and passes MLFLOW_RUN_ID with the
-    experiment's MLFLOW_EXPERIMENT_ID; users may set MLFLOW_EXPERIMENT_NAME or _ID themselves.
-    """
-    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    if env_id and os.environ.get("MLFLOW_RUN_ID"):
-        return env_id, "`mlflow run`"
-    env_name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if env_name:
-        return _id_by_name(env_name, create=True), "MLFLOW_EXPERIMENT_NAME"
-    if env_id:
-        return env_id, "MLFLOW_EXPERIMENT_ID"
-    return None
-
-
-def experiment_id(requested: str = "", *, create: bool = True) -> str:
-    """The experiment a command logs to and searches: the one the environment chose
-    (`chosen_experiment`), else ``requested``, else ``rockcls``.
-
-    A ``requested`` name other than the chosen experiment's could not take effect, so it is
-    refused rather than ignored.
-    """
-    chosen = chosen_experiment()
-    if chosen is None:
-        return _id_by_name(requested or DEFAULT_EXPERIMENT, create=create)
-    exp_id, chooser = chosen
-    exp = _experiment(exp_id)
-    if requested and requested != exp.name:
-        fix = (f"give `--experiment-name {requested}` to mlflow run instead" if chooser == "`mlflow run`"
-               else f"unset {chooser} or leave experiment empty")
-        raise ConfigError(f"experiment: {requested!r} cannot take effect: {chooser} chose experiment "
-                          f"{exp.name!r}; {fix}")
-    # `mlflow run --experiment-name` creates the experiment without a description; Default is
-    # everybody's catch-all, so it is left as it is.
-    if exp_id != DEFAULT_EXPERIMENT_ID and names.NOTE not in exp.tags:
-        _retry(client().set_experiment_tag, exp_id, names.NOTE, EXPERIMENT_NOTE)
-    return exp_id
-
-
-def _experiment(exp_id: str):
-    try:
-        return client().get_experiment(exp_id)
-    except MlflowException:
-        raise RockclsError(f"experiment id {exp_id} not found in the tracking store {shown_uri()}") from None
-
-
-def experiment_name(exp_id: str) -> str:
-    return _experiment(exp_id).name
-
-
-def _id_by_name(name: str, *, create: bool) -> str:
-    c = client()
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    if not create:
-        raise RockclsError(f"experiment {name!r} not found in {shown_uri()}")
-    try:
-        return c.create_experiment(name, tags={names.NOTE: EXPERIMENT_NOTE})
-    except MlflowException:  # another worker created it first
-        return c.get_experiment_by_name(name).experiment_id
 
 
 def start_run(*, experiment: str, name: str, kind: str, parent_run_id: str | None = None,
@@ -160,7 +57,7 @@ def start_run(*, experiment: str, name: str, kind: str, parent_run_id: str | Non
     if parent_run_id:
         all_tags[names.PARENT] = parent_run_id
     # What mlflow.start_run would add (user, source, git commit): the Source and Created by columns.
-    return _retry(client().create_run, exp_id, tags={**context_tags(), **all_tags}).info.run_id
+    return retry(client().create_run, exp_id, tags={**context_tags(), **all_tags}).info.run_id
 
 
 _program: dict[str, str] = {}
@@ -198,7 +95,7 @@ def log_dataset(run_id: str, *, name: str, digest: str, source: str, profile: Ma
     dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
                       profile=json.dumps(dict(profile)))
     tags = [InputTag(key="mlflow.data.context", value=context)]
-    _retry(client().log_inputs, run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+    retry(client().log_inputs, run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
 
 
 def get_run(run_id: str):
@@ -209,7 +106,7 @@ def get_run(run_id: str):
 
 
 def reopen_run(run_id: str) -> None:
-    _retry(client().update_run, run_id, status="RUNNING")
+    retry(client().update_run, run_id, status="RUNNING")
 
 
 @contextlib.contextmanager
@@ -231,12 +128,12 @@ def closing(run_id: str, *, finish: bool = True) -> Iterator[str]:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    _retry(client().set_terminated, run_id, status=status)
+    retry(client().set_terminated, run_id, status=status)
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
     batch = [RunTag(k, str(v)) for k, v in tags.items()]
-    _retry(client().log_batch, run_id, tags=batch)
+    retry(client().log_batch, run_id, tags=batch)
 
 
 def param(run: Any, key: str, default: str = "") -> str:
@@ -261,7 +158,7 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> list[str]:
         if existing.get(key) is None:
             batch.append(Param(key, text))
     for i in range(0, len(batch), 90):
-        _retry(client().log_batch, run_id, params=batch[i:i + 90])
+        retry(client().log_batch, run_id, params=batch[i:i + 90])
     return conflicts
 
 
@@ -284,7 +181,7 @@ def _canonical(text: str) -> float | str:
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-    _retry(client().log_batch, run_id, metrics=batch)
+    retry(client().log_batch, run_id, metrics=batch)
 
 
 def log_linked_metrics(run_id: str, metrics: Mapping[str, float], *, dataset_name: str, dataset_digest: str,
@@ -294,36 +191,76 @@ def log_linked_metrics(run_id: str, metrics: Mapping[str, float], *, dataset_nam
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0, model_id=model_id, dataset_name=dataset_name, dataset_digest=dataset_digest)
              for k, v in metrics.items()]
-    _retry(client().log_batch, run_id, metrics=batch)
+    retry(client().log_batch, run_id, metrics=batch)
 
 
 def metric_steps(run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client().get_metric_history(run_id, key))
 
 
+@dataclass
+class RunUpdate:
+    """What one step of a command writes to a run, gathered before anything is written: the caller
+    decides what to log, `update_run` logs it (params first: they may conflict; the description
+    last: it describes what was written)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: int | None = None
+    files: list[tuple[Path, str | None]] = field(default_factory=list)  # (local file, artifact folder)
+    texts: dict[str, str] = field(default_factory=dict)  # artifact file -> its text
+    dicts: dict[str, Any] = field(default_factory=dict)  # artifact file (.json/.yaml) -> its content
+    figures: dict[str, Any] = field(default_factory=dict)  # artifact file -> matplotlib figure
+    datasets: list[dict[str, Any]] = field(default_factory=list)  # `log_dataset` keywords
+    description: str | None = None
+
+
+def update_run(run_id: str, update: RunUpdate) -> list[str]:
+    """Write ``update`` to ``run_id``; returns the params `mlflow run` had logged with other values."""
+    conflicts = log_params(run_id, update.params) if update.params else []
+    for path, folder in update.files:
+        log_file(run_id, path, folder)
+    for artifact_file, text in update.texts.items():
+        log_text(run_id, text, artifact_file)
+    for artifact_file, data in update.dicts.items():
+        log_dict(run_id, data, artifact_file)
+    for artifact_file, fig in update.figures.items():
+        log_figure(run_id, fig, artifact_file)
+    for dataset in update.datasets:
+        log_dataset(run_id, **dataset)
+    if update.metrics:
+        log_metrics(run_id, update.metrics, step=update.step)
+    if update.tags:
+        set_tags(run_id, update.tags)
+    if update.description is not None:
+        set_description(run_id, update.description)
+    return conflicts
+
+
 def log_file(run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-    _retry(client().log_artifact, run_id, str(path), artifact_path)
+    retry(client().log_artifact, run_id, str(path), artifact_path)
 
 
 def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
-    _retry(client().log_dict, run_id, data, artifact_file)
+    retry(client().log_dict, run_id, data, artifact_file)
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    _retry(client().log_text, run_id, text, artifact_file)
+    retry(client().log_text, run_id, text, artifact_file)
 
 
 def log_figure(run_id: str, fig, artifact_file: str) -> None:
     import matplotlib.pyplot as plt
 
-    _retry(client().log_figure, run_id, fig, artifact_file)
+    retry(client().log_figure, run_id, fig, artifact_file)
     plt.close(fig)
 
 
 def log_image(run_id: str, image, *, key: str, step: int) -> None:
     """An image (PIL or uint8 array) that the run's page shows under ``key``, with a step slider
     (MLflow 3's stepped images: ``images/<key>+step+<step>+...`` artifacts)."""
-    _retry(client().log_image, run_id, image, key=key, step=step, synchronous=True)
+    retry(client().log_image, run_id, image, key=key, step=step, synchronous=True)
 
 
 def has_image(run_id: str, *, key: str, step: int) -> bool:
@@ -335,7 +272,7 @@ def has_image(run_id: str, *, key: str, step: int) -> bool:
 
 def log_image_file(run_id: str, image, artifact_file: str) -> None:
     """An image (PIL or uint8 array) as the artifact ``artifact_file`` (a ``.png``)."""
-    _retry(client().log_image, run_id, image, artifact_file=artifact_file)
+    retry(client().log_image, run_id, image, artifact_file=artifact_file)
 
 
 def download(run_id: str, artifact_path: str, dst: str | None = None) -> Path:
@@ -366,7 +303,7 @@ def copy_dataset_inputs(src_run_id: str, dst_run_id: str, *, context: str) -> No
     tags = [InputTag(key="mlflow.data.context", value=context)]
     datasets = [DatasetInput(dataset=d.dataset, tags=tags) for d in (inputs.dataset_inputs if inputs else [])]
     if datasets:
-        _retry(client().log_inputs, dst_run_id, datasets=datasets)
+        retry(client().log_inputs, dst_run_id, datasets=datasets)
 
 
 def search_runs(experiment: str, filter_string: str = "", order_by: Iterable[str] | None = None,
@@ -378,7 +315,7 @@ def search_runs(experiment: str, filter_string: str = "", order_by: Iterable[str
 
 def delete_run(run_id: str) -> None:
     """Soft-delete: hidden from the UI and searches; ``mlflow gc`` removes it for good."""
-    _retry(client().delete_run, run_id)
+    retry(client().delete_run, run_id)
 
 
 def run_location(run_id: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from rockcls.core import names, tracking
+from rockcls.core import experiments, names, tracking
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1, safe_name, softmax
 from rockcls.runs.lookup import check_train_run
@@ -142,7 +142,7 @@ def top_runs(experiment: str, k: int, *, kind: str = "train", parent_run_id: str
     runs = [r for r in tracking.search_runs(experiment, filt, order_by=["metrics.cv_macro_f1 DESC"])
             if "cv_macro_f1" in r.data.metrics]
     if not runs:
-        name = tracking.experiment_name(tracking.experiment_id(experiment, create=False))  # "" names no one
+        name = experiments.experiment_name(experiments.experiment_id(experiment, create=False))  # "" names no one
         raise RockclsError(f"experiment {name!r} has no completed {kind} run with cv_macro_f1")
     if same_split:
         split = runs[0].data.tags.get(names.SPLIT_FINGERPRINT)

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from rockcls.core import gallery, names, system_metrics, tracking
-from rockcls.core.config import TrainConfig, build_config, command_flags, save_yaml
+from rockcls.core.config import TrainConfig, build_config, command_flags, config_text
 from rockcls.core.errors import RockclsError
 from rockcls.core.metrics import confusion_figure, macro_f1, per_class_f1, safe_name
 from rockcls.core.text import utf8_escaped
@@ -92,50 +92,55 @@ def open_train_run(plan: Plan, *, parent_run_id: str | None, tags: dict[str, str
                 names.FOLDS: str(cfg.folds), **(tags or {})}
     run_id = tracking.start_run(experiment=cfg.experiment, name=f"{plan.kind}-{cfg.backbone}", kind=plan.kind,
                                 parent_run_id=parent_run_id, tags=run_tags, adopt_env_run=parent_run_id is None)
-    log_run_setup(plan, run_id)
-    log_data_input(run_id, plan.index, cfg.data, plan.derived["data_fingerprint"], context="training")
-    tracking.set_description(run_id, describe_train_run(plan))
+    conflicts = tracking.update_run(run_id, run_setup(plan))
+    if conflicts:
+        log.warning("params %s were logged by `mlflow run` with other values; resolved values are "
+                    "under resolved.<name>", ", ".join(conflicts))
     log.info("run %s (%s)", run_id, tracking.run_location(run_id))
     return run_id
 
 
-def log_run_setup(plan: Plan, run_id: str) -> None:
-    """Params (the config and what the plan derived), config.yaml, split.csv, classes, the teacher
-    file of a distilled run and the skipped images."""
-    params = {k: v for k, v in plan.cfg.to_dict().items() if k not in ("resume",)}
-    conflicts = tracking.log_params(run_id, {**params, **plan.derived})
-    if conflicts:
-        log.warning("params %s were logged by `mlflow run` with other values; resolved values are "
-                    "under resolved.<name>", ", ".join(conflicts))
-    with tempfile.TemporaryDirectory() as tmp:
-        save_yaml(plan.cfg, Path(tmp) / names.CONFIG_FILE)
-        tracking.log_file(run_id, Path(tmp) / names.CONFIG_FILE)
-        _write_split(plan, Path(tmp) / names.SPLIT_FILE)
-        tracking.log_file(run_id, Path(tmp) / names.SPLIT_FILE)
-    tracking.log_dict(run_id, {"classes": plan.index.classes}, names.CLASSES_FILE)
+def run_setup(plan: Plan) -> tracking.RunUpdate:
+    """What a new train run starts with: params (the config and what the plan derived), config.yaml,
+    split.csv, classes, the teacher file of a distilled run, the skipped images, the dataset input
+    and the description."""
+    cfg, index = plan.cfg, plan.index
+    setup = tracking.RunUpdate(
+        params={**{k: v for k, v in cfg.to_dict().items() if k != "resume"}, **plan.derived},
+        texts={names.CONFIG_FILE: config_text(cfg), names.SPLIT_FILE: split_table(plan)},
+        dicts={names.CLASSES_FILE: {"classes": index.classes}},
+        datasets=[data_input(index, cfg.data, plan.derived["data_fingerprint"], context="training")],
+        description=describe_train_run(plan))
     if plan.teacher is not None:
-        tracking.log_file(run_id, Path(plan.cfg.teacher_file), names.TEACHER_DIR)
-    if plan.index.skipped:
-        text = "\n".join(f"{utf8_escaped(p)}\t{utf8_escaped(r)}" for p, r in plan.index.skipped)
-        tracking.log_text(run_id, f"path\treason\n{text}\n", names.SKIPPED_FILE)
+        setup.files.append((Path(cfg.teacher_file), names.TEACHER_DIR))
+    if index.skipped:
+        text = "\n".join(f"{utf8_escaped(p)}\t{utf8_escaped(r)}" for p, r in index.skipped)
+        setup.texts[names.SKIPPED_FILE] = f"path\treason\n{text}\n"
+    return setup
 
 
-def _write_split(plan: Plan, path: Path) -> None:
+def split_table(plan: Plan) -> str:
+    """split.csv: each image's id, label and fold."""
     import pandas as pd
 
-    pd.DataFrame({"id": plan.index.ids, "label": [plan.index.classes[y] for y in plan.index.labels],
-                  "fold": plan.fold_of}).to_csv(path, index=False)
+    return pd.DataFrame({"id": plan.index.ids, "label": [plan.index.classes[y] for y in plan.index.labels],
+                         "fold": plan.fold_of}).to_csv(index=False)
 
 
 def log_data_input(run_id: str, index: DatasetIndex, data: str, fingerprint: str, *, context: str) -> None:
-    """The dataset as the run's input: named after its folder, the content fingerprint as digest."""
-    path = Path(data).resolve()
+    """The dataset as the run's input (`data_input`)."""
+    tracking.log_dataset(run_id, **data_input(index, data, fingerprint, context=context))
+
+
+def data_input(index: DatasetIndex, data: str, fingerprint: str, *, context: str) -> dict[str, Any]:
+    """A dataset input (`tracking.log_dataset` keywords): named after its folder, the content
+    fingerprint as digest, the image count per class as profile."""
     profile: dict[str, Any] = {"num_images": len(index), "num_classes": len(index.classes)}
     if len(index) and (index.labels >= 0).all():
         counts = np.bincount(index.labels, minlength=len(index.classes))
         profile.update({f"images.{c}": int(n) for c, n in zip(index.classes, counts)})
-    tracking.log_dataset(run_id, name=dataset_name(data), digest=fingerprint, source=str(path), profile=profile,
-                         context=context)
+    return {"name": dataset_name(data), "digest": fingerprint, "source": str(Path(data).resolve()),
+            "profile": profile, "context": context}
 
 
 def dataset_name(data: str) -> str:
@@ -180,18 +185,16 @@ def finish_train_run(plan: Plan, run_id: str, fold_results: dict[int, dict]) -> 
     score = macro_f1(labels, preds, len(classes))
     pcf = per_class_f1(labels, preds, classes)
     views = view_scores(plan, fold_results)
-    tracking.log_metrics(run_id, {"cv_macro_f1": score, **{f"cv_f1.{safe_name(c)}": v for c, v in pcf.items()},
-                                  **{f"cv_macro_f1.tta_{name}": v for name, (v, _) in views.items()}})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / names.OOF_LOGITS
         np.savez_compressed(path, ids=np.asarray(index.ids), paths=np.asarray(index.paths),
                             labels=index.labels, logits=logits, fold=plan.fold_of, classes=np.asarray(classes),
                             **{f"{VIEW_PREFIX}{name}": v for name, (_, v) in views.items()})
-        tracking.log_file(run_id, path)
-    tracking.log_figure(run_id, confusion_figure(labels, preds, classes, f"OOF macro-F1 {score:.4f}"),
-                        names.CONFUSION_FIGURE)
-    tracking.set_tags(run_id, {names.COMPLETE: "true"})
-    tracking.set_description(run_id, describe_train_run(plan, score))
+        tracking.update_run(run_id, tracking.RunUpdate(
+            metrics={"cv_macro_f1": score, **{f"cv_f1.{safe_name(c)}": v for c, v in pcf.items()},
+                     **{f"cv_macro_f1.tta_{name}": v for name, (v, _) in views.items()}},
+            files=[(path, None)], tags={names.COMPLETE: "true"}, description=describe_train_run(plan, score),
+            figures={names.CONFUSION_FIGURE: confusion_figure(labels, preds, classes, f"OOF macro-F1 {score:.4f}")}))
     log.info("cv_macro_f1 %.4f (%s)", score, ", ".join(f"{c} {v:.3f}" for c, v in pcf.items()))
     return TrainResult(run_id, score, pcf, classes, index.ids, index.labels, plan.fold_of, logits,
                        {k: r["score"] for k, r in fold_results.items()})
@@ -226,16 +229,18 @@ def open_fold_run(plan: Plan, parent_id: str, fold: int, fold_run: str | None, k
         return fold_run
     fold_run = tracking.start_run(experiment=plan.cfg.experiment, name="full" if kind == "full" else f"fold-{fold}",
                                   kind=kind, parent_run_id=parent_id, tags={names.FOLD: str(fold)})
-    log_data_input(fold_run, plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")
+    tracking.update_run(fold_run, tracking.RunUpdate(
+        datasets=[data_input(plan.index, plan.cfg.data, plan.derived["data_fingerprint"], context="training")]))
     return fold_run
 
 
-def log_fold_model(run_id: str, path: Path) -> None:
-    """The weights a fold run keeps, under the artifact name readers look for (`names.FOLD_MODEL`)."""
+def fold_model_file(path: Path) -> tuple[Path, str]:
+    """The weights a fold run keeps as a `RunUpdate` file, under the artifact name readers look for
+    (`names.FOLD_MODEL`)."""
     where = Path(names.FOLD_MODEL)
     if path.name != where.name:
         raise ValueError(f"fold weights must be written as {where.name}, not {path.name}")
-    tracking.log_file(run_id, path, str(where.parent))
+    return path, str(where.parent)
 
 
 def log_fold_result(plan: Plan, run_id: str, parent_id: str, fold: int, *, model: Path, oof: Path,
@@ -244,29 +249,25 @@ def log_fold_result(plan: Plan, run_id: str, parent_id: str, fold: int, *, model
     """A finished fold: its kept weights, OOF logits, hardest OOF images, scores, the complete tag
     and a description that says which epoch it kept."""
     cfg, score = plan.cfg, metrics["oof_macro_f1"]
-    log_fold_model(run_id, model)
-    tracking.log_file(run_id, oof)
     if examples is not None:
         gallery.log_gallery(run_id, plan.source, examples, key=names.HARDEST_OOF, step=kept_epoch,
                             table_file=f"{names.GALLERY_DIR}/{names.HARDEST_OOF}.csv",
                             image_file=f"{names.GALLERY_DIR}/{names.HARDEST_OOF}.png")
-    tracking.log_metrics(run_id, metrics)
-    tracking.set_tags(run_id, {names.COMPLETE: "true"})
-    tracking.set_description(run_id, (
-        f"Fold {fold} of train run `{parent_id}`: trained on {train_images} images, validated "
-        f"on {val_images}. Kept epoch {kept_epoch} (select={cfg.select}): **OOF macro-F1 "
-        f"{score:.4f}** (tta {cfg.tta}); per-epoch curves in Model metrics."))
+    tracking.update_run(run_id, tracking.RunUpdate(
+        files=[fold_model_file(model), (oof, None)], metrics=metrics, tags={names.COMPLETE: "true"},
+        description=(f"Fold {fold} of train run `{parent_id}`: trained on {train_images} images, validated "
+                     f"on {val_images}. Kept epoch {kept_epoch} (select={cfg.select}): **OOF macro-F1 "
+                     f"{score:.4f}** (tta {cfg.tta}); per-epoch curves in Model metrics.")))
     log.info("fold %d: kept epoch %d, OOF macro-F1 %.4f (tta %s)", fold, kept_epoch, score, cfg.tta)
 
 
 def log_full_result(plan: Plan, run_id: str, parent_id: str, *, model: Path, images: int, epochs_run: int) -> None:
     """The network fitted on every image: its weights, the complete tag and what it is for."""
     cfg = plan.cfg
-    log_fold_model(run_id, model)
-    tracking.set_tags(run_id, {names.COMPLETE: "true"})
-    tracking.set_description(run_id, (
-        f"The network of train run `{parent_id}` fitted on all {images} images with the "
-        f"recipe and {cfg.epochs} epochs of its folds. Nothing was held out: its expected accuracy is "
-        f"the parent's cv_macro_f1. `ensemble` and the registry serve it instead of the "
-        f"{cfg.folds} fold networks (one forward pass per view instead of {cfg.folds})."))
+    tracking.update_run(run_id, tracking.RunUpdate(
+        files=[fold_model_file(model)], tags={names.COMPLETE: "true"},
+        description=(f"The network of train run `{parent_id}` fitted on all {images} images with the "
+                     f"recipe and {cfg.epochs} epochs of its folds. Nothing was held out: its expected accuracy "
+                     f"is the parent's cv_macro_f1. `ensemble` and the registry serve it instead of the "
+                     f"{cfg.folds} fold networks (one forward pass per view instead of {cfg.folds}).")))
     log.info("the network on every image: trained %d epochs on %d images", epochs_run, images)
