@@ -36,7 +36,6 @@ from rockcls.search import study as search_study
 from rockcls.search import tickets as search_tickets
 from rockcls.search import trial as search_trial
 from rockcls.search import workers as search_workers
-from rockcls.training import trainer as training
 from tests import postgres
 from tests.conftest import use_store
 
@@ -96,7 +95,7 @@ def six(tmp_path_factory, data_dir):
     hang on how well 40 tiny images happen to train."""
     root = tmp_path_factory.mktemp("six")
     argv = ["--data", str(data_dir), *TRAIN_ARGS, *SIX]
-    real = training.run_training
+    real = search_trial.run_training
     calls = []
 
     def flaky(cfg, **kwargs):
@@ -112,7 +111,7 @@ def six(tmp_path_factory, data_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
-        mp.setattr(training, "run_training", flaky)
+        mp.setattr(search_trial, "run_training", flaky)
         start = time.perf_counter()
         code = run_command(tune.main, argv)
         seconds = time.perf_counter() - start
