@@ -30,6 +30,7 @@ from rockcls.core.processes import stop_process_group, wait_for_http
 from rockcls.data.synthetic import make_dataset
 from rockcls.inference.predictor import Predictor
 from rockcls.runs import lookup as predict_lookup
+from rockcls.search import bookkeeping as search_bookkeeping
 from rockcls.search import space as search_space
 from rockcls.search import storage as search_storage
 from rockcls.search import study as search_study
@@ -118,7 +119,7 @@ def six(tmp_path_factory, data_dir):
         storage = f"sqlite:///{root / 'optuna.db'}"
         study = load_study(storage)
         yield {"code": code, "argv": argv, "root": root, "storage": storage, "study": study,
-               "run_id": study.user_attrs[search_space.ATTR_RUN], "client": MlflowClient(), "seconds": seconds}
+               "run_id": study.user_attrs[search_tickets.ATTR_RUN], "client": MlflowClient(), "seconds": seconds}
     mlflow.set_tracking_uri(None)
 
 
@@ -153,14 +154,14 @@ def test_mlflow_status_of_each_trial_run_matches_its_optuna_state(six):
 def test_trial_that_raises_is_failed_with_its_reason_and_replaced(six):
     failed = six["study"].get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
-    assert failed[0].user_attrs[search_space.REASON] == "FloatingPointError: loss is nan (injected)"
-    slot = failed[0].user_attrs[search_space.SLOT]
+    assert failed[0].user_attrs[search_bookkeeping.REASON] == "FloatingPointError: loss is nan (injected)"
+    slot = failed[0].user_attrs[search_tickets.SLOT]
     retry = [t for t in six["study"].get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-             if t.user_attrs[search_space.SLOT] == slot]
-    assert len(retry) == 1 and retry[0].user_attrs[search_space.ATTEMPT] == 1 and retry[0].number > failed[0].number
+             if t.user_attrs[search_tickets.SLOT] == slot]
+    assert len(retry) == 1 and retry[0].user_attrs[search_tickets.ATTEMPT] == 1 and retry[0].number > failed[0].number
     run = trial_runs(six["client"], six["run_id"])[failed[0].number]
     assert run.info.status == "FAILED"
-    assert run.data.tags[search_space.REASON] == "FloatingPointError: loss is nan (injected)"
+    assert run.data.tags[search_bookkeeping.REASON] == "FloatingPointError: loss is nan (injected)"
 
 
 def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
@@ -176,7 +177,7 @@ def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
     ensemble_run = client.get_run(client.get_run(run_id).data.tags["rockcls.ensemble_run"])
     assert ensemble_run.data.tags["mlflow.parentRunId"] == run_id and ensemble_run.info.status == "FINISHED"
     top2 = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value, reverse=True)[:2]
-    assert ensemble_run.data.tags["rockcls.members"].split(",") == [t.user_attrs[search_space.RUN_ID] for t in top2]
+    assert ensemble_run.data.tags["rockcls.members"].split(",") == [t.user_attrs[search_bookkeeping.RUN_ID] for t in top2]
     assert metrics["ensemble_macro_f1"] == pytest.approx(ensemble_run.data.metrics["ensemble_macro_f1"])
     version = client.get_model_version_by_alias("tunetest", "champion")
     assert version.tags["rockcls.ensemble_run"] == ensemble_run.info.run_id
@@ -186,7 +187,7 @@ def test_study_run_charts_the_best_value_so_far_over_finished_trials_and_describ
     client, run_id, study = six["client"], six["run_id"], six["study"]
     # step = complete + pruned trials so far (one process: trials finish in number order); a failed
     # trial is replaced, so it does not advance the curve
-    finished = [t for t in study.get_trials() if t.state in search_space.FINISHED]
+    finished = [t for t in study.get_trials() if t.state in search_tickets.FINISHED]
     expected, best = {}, None
     for step, t in enumerate(finished, start=1):
         if t.state == TrialState.COMPLETE:
@@ -212,7 +213,7 @@ def test_rerun_resumes_to_the_same_total_and_more_trials_continue_it(six):
     assert run_command(tune.main, more) == 0
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 7 and len(study.get_trials()) == before + 1
-    assert sorted(t.user_attrs[search_space.SLOT] for t in finished) == list(range(7))
+    assert sorted(t.user_attrs[search_tickets.SLOT] for t in finished) == list(range(7))
 
 
 def test_rerun_with_changed_settings_is_refused(six, capsys):
@@ -240,7 +241,7 @@ def test_two_worker_processes_finish_exactly_n_trials(mlflow_store, tmp_path, da
     study = load_study(storage)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, "exactly 4 trials, none extra"
-    assert sorted(t.user_attrs[search_space.SLOT] for t in trials) == list(range(4))
+    assert sorted(t.user_attrs[search_tickets.SLOT] for t in trials) == list(range(4))
     assert len({t.user_attrs[names.WORKER] for t in trials}) == 2 == len(overlap.workers), "both workers ran trials"
     runs = trial_runs(MlflowClient(), outcome.study_run_id)
     assert sorted(runs) == [t.number for t in trials]
@@ -378,8 +379,8 @@ def test_killed_worker_trial_is_failed_and_retried(mlflow_store, tmp_path, data_
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     client = MlflowClient()
-    run = trial_runs(client, study.user_attrs[search_space.ATTR_RUN])[victim]
-    assert run.info.status == "FAILED" and run.data.tags[search_space.REASON] == "worker lost (no heartbeat)"
+    run = trial_runs(client, study.user_attrs[search_tickets.ATTR_RUN])[victim]
+    assert run.info.status == "FAILED" and run.data.tags[search_bookkeeping.REASON] == "worker lost (no heartbeat)"
     folds = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert folds and "RUNNING" not in {f.info.status for f in folds}, "no run of the lost trial left RUNNING"
 
@@ -787,7 +788,7 @@ def test_wilcoxon_study_with_two_workers_reports_one_value_per_fold(mlflow_store
     runs = trial_runs(client, outcome.study_run_id)
     for t in trials:
         assert sorted(t.intermediate_values) == [0, 1, 2], "one value per fold, keyed by the fold index"
-        assert t.user_attrs[search_space.EPOCHS] == 3
+        assert t.user_attrs[search_bookkeeping.EPOCHS] == 3
         folds = client.search_runs([runs[t.number].info.experiment_id],
                                    f"tags.`mlflow.parentRunId` = '{runs[t.number].info.run_id}'")
         scores = {int(r.data.tags[names.FOLD]): r.data.metrics["val_macro_f1"] for r in folds}
@@ -935,13 +936,13 @@ def test_study_over_two_backbones_trains_both_and_ensembles_them(mlflow_store, d
     assert trials[0].params["backbone"] == "test_efficientnet@48" and trials[0].user_attrs[names.BASELINE]
     assert {t.params["backbone"] for t in trials} == {"test_vit", "test_efficientnet@48"}
     client = MlflowClient()
-    runs = trial_runs(client, study.user_attrs[search_space.ATTR_RUN])
+    runs = trial_runs(client, study.user_attrs[search_tickets.ATTR_RUN])
     trained = {t.number: (runs[t.number].data.params["backbone"], runs[t.number].data.params["img_size"])
                for t in trials}
     for t in trials:
         assert trained[t.number] == {"test_vit": ("test_vit", "32"),
                                      "test_efficientnet@48": ("test_efficientnet", "48")}[t.params["backbone"]]
-    study_run = client.get_run(study.user_attrs[search_space.ATTR_RUN])
+    study_run = client.get_run(study.user_attrs[search_tickets.ATTR_RUN])
     assert study_run.data.params["search.backbone"] == "test_vit,test_efficientnet@48"
     assert study_run.data.tags[names.BACKBONE] == "test_vit+test_efficientnet"
     ensemble_run = client.get_run(study_run.data.tags[names.ENSEMBLE_RUN])

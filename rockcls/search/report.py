@@ -14,7 +14,9 @@ from optuna.trial import TrialState
 from rockcls.core import names, secrets, tracking
 from rockcls.runs import ensemble
 from rockcls.runs.registry import register_ensemble
-from rockcls.search.space import FINISHED, RUN_ID, StudyPlan, describe_study, epochs_run, fmt_value
+from rockcls.search.bookkeeping import RUN_ID, epochs_run
+from rockcls.search.space import StudyPlan, describe_study, fmt_value
+from rockcls.search.tickets import FINISHED
 
 log = logging.getLogger("rockcls")
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import optuna
-from optuna.trial import TrialState
 
 from rockcls.core import names, secrets
 from rockcls.core.config import (
@@ -427,29 +426,6 @@ def pruner_params(tune: TuneConfig) -> dict[str, Any]:
 def reports_folds(tune: TuneConfig) -> bool:
     """Whether trials report one score per fold (step = fold) rather than one per epoch."""
     return tune.pruner == "wilcoxon"
-
-
-ATTR_RUN, ATTR_IDENTITY, ATTR_READY = "rockcls.study_run_id", "rockcls.identity", "rockcls.ready"
-
-
-SLOT, ATTEMPT, RUN_ID, REASON = "rockcls.slot", "rockcls.attempt", "rockcls.run_id", names.FAIL_REASON
-
-# Epochs a trial trained (user attribute): its intermediate values count folds under wilcoxon.
-EPOCHS = "rockcls.epochs"
-
-
-def epochs_run(trial: optuna.trial.FrozenTrial) -> int:
-    """Epochs the trial trained (studies from before the attribute: one intermediate value per epoch)."""
-    return int(trial.user_attrs.get(EPOCHS, len(trial.intermediate_values)))
-
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-HELD = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-
-
-READY_WAIT_S = 60.0
 
 
 def describe_study(plan: StudyPlan, outcome: Any = None) -> str:

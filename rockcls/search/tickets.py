@@ -14,14 +14,6 @@ from optuna.trial import FrozenTrial, TrialState
 from rockcls.core import names, secrets, tracking
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.search.space import (
-    ATTEMPT,
-    ATTR_IDENTITY,
-    ATTR_READY,
-    ATTR_RUN,
-    FINISHED,
-    HELD,
-    READY_WAIT_S,
-    SLOT,
     StudyPlan,
     backbone_label,
     baseline_params,
@@ -32,21 +24,18 @@ from rockcls.search.space import (
 
 log = logging.getLogger("rockcls")
 
+# The study's user attributes: its MLflow run, what makes it the same study, and that its tickets are queued.
+ATTR_RUN, ATTR_IDENTITY, ATTR_READY = "rockcls.study_run_id", "rockcls.identity", "rockcls.ready"
 
+# A ticket's user attributes: the slot it fills and which attempt at that slot it is.
+SLOT, ATTEMPT = "rockcls.slot", "rockcls.attempt"
 
+# Trials that fill their slot for good, and those that keep every other ticket of their slot waiting.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HELD = (TrialState.RUNNING, *FINISHED)
 
-
-
-
-
-
-
-
-
-
-
-
-
+# Seconds a process that lost the race to create the study waits for the winner to queue the tickets.
+READY_WAIT_S = 60.0
 
 
 def slot_of(trial: FrozenTrial) -> int | None:
@@ -65,6 +54,17 @@ def top_up_tickets(study: optuna.Study, target: int, first: Sequence[dict[str, A
         marks = {names.BASELINE: True} if s == 0 and baseline else {}
         study.enqueue_trial(first[s] if s < len(first) else {}, user_attrs={SLOT: s, ATTEMPT: 0, **marks})
     return len(missing)
+
+
+def queue_replacement(study: optuna.Study, trial: FrozenTrial, retries: int) -> None:
+    """A fresh ticket for the slot of ``trial``, which raised, unless the slot used up its ``retries``."""
+    slot, attempt = slot_of(trial), int(trial.user_attrs.get(ATTEMPT, 0))
+    if slot is None:
+        return
+    if attempt >= retries:
+        log.warning("slot %d: %d attempt(s) failed; left empty (re-run the command to try it again)", slot, attempt + 1)
+        return
+    study.enqueue_trial({}, user_attrs={SLOT: slot, ATTEMPT: attempt + 1})
 
 
 def open_study(plan: StudyPlan, storage: optuna.storages.RDBStorage, identity: dict[str, Any]) -> str:
@@ -116,8 +116,6 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
     return run_id
-
-
 
 
 def join_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any]) -> str:

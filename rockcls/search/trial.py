@@ -13,21 +13,9 @@ from optuna.trial import FrozenTrial, TrialState
 from rockcls.core import names, tracking
 from rockcls.core.config import with_overrides
 from rockcls.core.errors import RunStopped
-from rockcls.search.space import (
-    ATTEMPT,
-    EPOCHS,
-    FINISHED,
-    REASON,
-    RUN_ID,
-    SLOT,
-    StudyPlan,
-    epochs_run,
-    fmt_value,
-    reports_folds,
-    train_overrides,
-)
-from rockcls.search.storage import find_trial_run
-from rockcls.search.tickets import slot_of
+from rockcls.search.bookkeeping import EPOCHS, REASON, RUN_ID, epochs_run, find_trial_run
+from rockcls.search.space import StudyPlan, fmt_value, reports_folds, train_overrides
+from rockcls.search.tickets import ATTEMPT, FINISHED, SLOT, queue_replacement
 from rockcls.training.trainer import run_training
 
 log = logging.getLogger("rockcls")
@@ -35,8 +23,6 @@ log = logging.getLogger("rockcls")
 
 class PrunedTrial(optuna.TrialPruned, RunStopped):
     """Optuna stops the trial (it is a TrialPruned); its train and fold runs end KILLED, not FAILED."""
-
-
 
 
 class EpochReporter:
@@ -148,8 +134,6 @@ class Objective:
         return result.cv_macro_f1
 
 
-
-
 def failure_reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
@@ -211,17 +195,3 @@ def log_progress(study: optuna.Study, study_run_id: str) -> None:
     if complete:
         metrics["best_macro_f1"] = max(complete)
     tracking.log_metrics(study_run_id, metrics, step=step)
-
-
-def queue_replacement(study: optuna.Study, trial: FrozenTrial, retries: int) -> None:
-    slot, attempt = slot_of(trial), int(trial.user_attrs.get(ATTEMPT, 0))
-    if slot is None:
-        return
-    if attempt >= retries:
-        log.warning("slot %d: %d attempt(s) failed; left empty (re-run the command to try it again)", slot, attempt + 1)
-        return
-    study.enqueue_trial({}, user_attrs={SLOT: slot, ATTEMPT: attempt + 1})
-
-
-
-
