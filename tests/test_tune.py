@@ -31,6 +31,7 @@ from rockcls.data.synthetic import make_dataset
 from rockcls.inference.predictor import Predictor
 from rockcls.runs import lookup as predict_lookup
 from rockcls.search import bookkeeping as search_bookkeeping
+from rockcls.search import pruning as search_pruning
 from rockcls.search import space as search_space
 from rockcls.search import storage as search_storage
 from rockcls.search import study as search_study
@@ -714,7 +715,7 @@ def wilcoxon_study(search_backbone: str = "") -> optuna.Study:
     from optuna.trial import create_trial
 
     tune_cfg = search_space.TuneConfig(pruner="wilcoxon", search_backbone=search_backbone)
-    study = optuna.create_study(direction="maximize", pruner=search_space.build_pruner(tune_cfg, steps=3))
+    study = optuna.create_study(direction="maximize", pruner=search_pruning.build_pruner(tune_cfg, steps=3))
     dist = {"backbone": CategoricalDistribution(["test_vit", "test_efficientnet"])}
     for label, folds in [("test_vit", (0.9, 0.88, 0.91)), ("test_efficientnet", (0.42, 0.42, 0.42)),
                          ("test_efficientnet", (0.38, 0.4, 0.36))]:
@@ -762,13 +763,13 @@ def test_wilcoxon_with_a_searched_backbone_compares_with_the_best_trial_of_the_s
 
 
 def test_wilcoxon_needs_a_p_threshold_its_folds_can_reach():
-    search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=3)
-    search_space.check_pruner(search_space.TuneConfig(pruner="median", pruner_p=0.01), folds=1)
+    search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=3)
+    search_pruning.check_pruner(search_space.TuneConfig(pruner="median", pruner_p=0.01), folds=1)
     with pytest.raises(ConfigError, match=r"pruner: wilcoxon .* give --folds 3 or more \(got 2\)"):
-        search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=2)
+        search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=2)
     with pytest.raises(ConfigError, match=r"pruner_p: with 3 folds .* smallest p-value \(every fold worse\) is 0.25"):
-        search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.2), folds=3)
-    search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.1), folds=5)
+        search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.2), folds=3)
+    search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.1), folds=5)
     with pytest.raises(ConfigError, match="pruner_p: must be < 1.0"):
         build_config(search_space.TuneConfig, {"pruner_p": "1"})
 
@@ -905,7 +906,7 @@ def test_pruner_compares_a_trial_only_with_trials_of_its_own_backbone(pruner):
         tune_cfg = search_space.TuneConfig(pruner=pruner, pruner_startup=2, pruner_warmup=0,
                                            search_backbone=search_backbone)
         # steps=1: one Hyperband bracket, so the bracket a trial lands in plays no part here
-        study = optuna.create_study(direction="maximize", pruner=search_space.build_pruner(tune_cfg, steps=1))
+        study = optuna.create_study(direction="maximize", pruner=search_pruning.build_pruner(tune_cfg, steps=1))
         for label, score in [("test_vit", 0.9)] * 3 + [("test_efficientnet", 0.3), ("test_efficientnet", 0.35)]:
             study.add_trial(create_trial(params={"backbone": label}, distributions=dist, value=score,
                                          intermediate_values={0: score, 1: score},

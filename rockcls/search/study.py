@@ -22,11 +22,10 @@ from typing import Sequence
 import optuna
 
 from rockcls.core import tracking
-from rockcls.core.config import (
-    TrainConfig,
-)
+from rockcls.core.config import TrainConfig
 from rockcls.core.devices import parse_devices
 from rockcls.data.index import content_fingerprint, make_folds
+from rockcls.search.pruning import check_pruner
 from rockcls.search.report import (
     StudyOutcome,
     close_study_run,
@@ -40,7 +39,6 @@ from rockcls.search.space import (
     backbone_dimension,
     backbone_label,
     build_search_space,
-    check_pruner,
     default_study_name,
     quiet_optuna,
     study_identity,

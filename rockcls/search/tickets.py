@@ -13,13 +13,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rockcls.core import names, secrets, tracking
 from rockcls.core.errors import ConfigError, RockclsError
+from rockcls.search.pruning import pruner_params
 from rockcls.search.space import (
     StudyPlan,
     backbone_label,
     baseline_params,
     describe_study,
     opening_params,
-    pruner_params,
 )
 
 log = logging.getLogger("rockcls")

@@ -14,7 +14,8 @@ from rockcls.core import names, tracking
 from rockcls.core.config import with_overrides
 from rockcls.core.errors import RunStopped
 from rockcls.search.bookkeeping import EPOCHS, REASON, RUN_ID, epochs_run, find_trial_run
-from rockcls.search.space import StudyPlan, fmt_value, reports_folds, train_overrides
+from rockcls.search.pruning import reports_folds
+from rockcls.search.space import StudyPlan, fmt_value, train_overrides
 from rockcls.search.tickets import ATTEMPT, FINISHED, SLOT, queue_replacement
 from rockcls.training.trainer import run_training
 
