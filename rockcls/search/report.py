@@ -15,8 +15,8 @@ from rockcls.core import names, secrets, tracking
 from rockcls.runs import ensemble
 from rockcls.runs.registry import register_ensemble
 from rockcls.search.bookkeeping import RUN_ID, epochs_run
-from rockcls.search.space import StudyPlan, describe_study, fmt_value
-from rockcls.search.tickets import FINISHED
+from rockcls.search.space import StudyPlan, fmt_value
+from rockcls.search.tickets import FINISHED, describe_study
 
 log = logging.getLogger("rockcls")
 

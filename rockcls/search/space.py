@@ -7,19 +7,16 @@ import hashlib
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import optuna
 
-from rockcls.core import names, secrets
 from rockcls.core.config import (
     MIN_IMG_SIZE,
     TrainConfig,
     build_config,
     check_value,
     coerce_value,
-    command_flags,
     field_map,
     field_type,
     load_yaml,
@@ -378,28 +375,6 @@ def build_sampler(plan: StudyPlan, worker: int, seen: int) -> optuna.samplers.Ba
     # Seeded per worker and per resume, so workers and re-runs do not replay the same draws.
     seed = (plan.base.seed * 1_000_003 + worker * 7919 + seen) % 2**31
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.tune.sampler_startup)
-
-
-def describe_study(plan: StudyPlan, outcome: Any = None) -> str:
-    """Markdown for the study run: what is searched, the result so far and the command to resume it."""
-    base, space = plan.base, plan.space
-    trains = backbone_label(base, space)
-    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{trains}` on "
-            f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
-            f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
-            f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")
-    tune = dataclasses.replace(plan.tune, storage=secrets.mask_url(plan.storage_url), study_name=plan.study_name)
-    train = dataclasses.replace(base, data=str(Path(base.data).resolve()))
-    flags = [*command_flags(tune), *command_flags(train, skip=("resume", "config"))]
-    command = " ".join(["python search/tune.py", *flags])
-    result = ""
-    if outcome is not None and outcome.best_trial is not None:
-        result = (f"\n\n**Best trial {outcome.best_trial}: macro-F1 {outcome.best_value:.4f}** "
-                  f"({', '.join(f'{k}={fmt_value(v)}' for k, v in outcome.best_params.items())}); "
-                  f"{outcome.finished} of {plan.tune.trials} trials finished.")
-        if outcome.baseline_value is not None:
-            result += f" Baseline (train defaults): {outcome.baseline_value:.4f}."
-    return f"{what}{result}\n\nRe-run to resume or extend it (same study):\n\n```\n{command}\n```"
 
 
 def fmt_value(value: Any) -> str:

@@ -1,4 +1,4 @@
-"""Exactly --trials trials however many workers run: one enqueued ticket per trial, claimed by a worker (heartbeat recorded at claim), replaced when a trial fails or its worker is lost; the study run and its identity."""
+"""Exactly --trials trials however many workers run: one enqueued ticket per trial, claimed by a worker (heartbeat recorded at claim), replaced when a trial fails or its worker is lost; the study run, its description and its identity."""
 
 from __future__ import annotations
 
@@ -6,19 +6,21 @@ import dataclasses
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rockcls.core import names, secrets, tracking
+from rockcls.core.config import command_flags
 from rockcls.core.errors import ConfigError, RockclsError
 from rockcls.search.pruning import pruner_params
 from rockcls.search.space import (
     StudyPlan,
     backbone_label,
     baseline_params,
-    describe_study,
+    fmt_value,
     opening_params,
 )
 
@@ -116,6 +118,28 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
     return run_id
+
+
+def describe_study(plan: StudyPlan, outcome: Any = None) -> str:
+    """Markdown for the study run: what is searched, the result so far and the command to resume it."""
+    base, space = plan.base, plan.space
+    trains = backbone_label(base, space)
+    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{trains}` on "
+            f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
+            f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
+            f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")
+    tune = dataclasses.replace(plan.tune, storage=secrets.mask_url(plan.storage_url), study_name=plan.study_name)
+    train = dataclasses.replace(base, data=str(Path(base.data).resolve()))
+    flags = [*command_flags(tune), *command_flags(train, skip=("resume", "config"))]
+    command = " ".join(["python search/tune.py", *flags])
+    result = ""
+    if outcome is not None and outcome.best_trial is not None:
+        result = (f"\n\n**Best trial {outcome.best_trial}: macro-F1 {outcome.best_value:.4f}** "
+                  f"({', '.join(f'{k}={fmt_value(v)}' for k, v in outcome.best_params.items())}); "
+                  f"{outcome.finished} of {plan.tune.trials} trials finished.")
+        if outcome.baseline_value is not None:
+            result += f" Baseline (train defaults): {outcome.baseline_value:.4f}."
+    return f"{what}{result}\n\nRe-run to resume or extend it (same study):\n\n```\n{command}\n```"
 
 
 def join_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any]) -> str:
