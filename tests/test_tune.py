@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -874,6 +875,18 @@ def test_auto_lr_range_spans_every_backbone_entrys_weights_and_the_baseline_trai
     assert search_space.opening_params(same, baseline) == [baseline, {"backbone": "test_efficientnet"}]
     assert search_space.opening_params(same, {}) == [{"backbone": "test_vit"}, {"backbone": "test_efficientnet"}]
     assert search_space.opening_params([lr], {"lr": 1e-3}) == [{"lr": 1e-3}]
+
+
+def test_study_plan_parses_its_search_space_once_and_a_replaced_plan_its_own(monkeypatch):
+    parsed = []
+    real = search_space.build_search_space
+    monkeypatch.setattr(search_space, "build_search_space", lambda *a: parsed.append(a) or real(*a))
+    plan = search_space.StudyPlan(build_config(TrainConfig, {"folds": 3}), search_space.TuneConfig(), [], "s", "")
+    assert plan.space is plan.space and len(parsed) == 1
+    narrower = dataclasses.replace(plan, tune=dataclasses.replace(plan.tune, search_hn_memory=""))
+    assert "hn_memory" in [d.name for d in plan.space] and "hn_memory" not in [d.name for d in narrower.space]
+    assert len(parsed) == 2
+    assert search_space.StudyPlan.from_json(plan.to_json()) == plan, "the parsed space is not part of the plan's JSON"
 
 
 def test_study_identity_holds_the_backbone_choices_not_the_replaced_backbone():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import warnings
@@ -352,8 +353,9 @@ class StudyPlan:
     study_name: str
     storage_url: str
 
-    @property
+    @functools.cached_property
     def space(self) -> list[Dimension]:
+        """Parsed on first use, once per plan (a replaced plan parses its own)."""
         return build_search_space(self.tune, self.base, self.fixed)
 
     @property
