@@ -801,6 +801,34 @@ def test_wilcoxon_study_with_two_workers_reports_one_value_per_fold(mlflow_store
     assert outcome.epochs_run == 6
 
 
+def test_study_run_of_a_study_that_raises_ends_failed_with_its_reason_and_an_interrupted_one_killed(
+        mlflow_store, tmp_path, data_dir, monkeypatch):
+    """An ordinary error after the study run opened used to leave it RUNNING (only ^C ended it)."""
+    base, fixed = search_space.build_search_config(dict(
+        data=str(data_dir), backbone="test_efficientnet", pretrained=False, img_size=32, epochs=1, num_workers=0))
+    tune_cfg = build_config(search_space.TuneConfig, dict(trials=1, top_k=0))
+
+    def broken(plan):
+        raise RuntimeError("injected: no worker could start\nsecond line")
+
+    monkeypatch.setattr(search_study, "run_in_process", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        search_study.run_study(base, tune_cfg, fixed)
+    client = MlflowClient()
+    run_id = load_study(f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs[search_tickets.ATTR_RUN]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.FAIL_REASON] == "injected: no worker could start"
+
+    def interrupted(plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_study, "run_in_process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search_study.run_study(base, tune_cfg, fixed)  # the same study, resumed
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
 def test_bad_tune_values_end_as_one_line_errors(mlflow_store, data_dir, capsys):
     argv = ["--data", str(data_dir), *TRAIN_ARGS]
     assert run_command(tune.main, [*argv, "--search-hn-ratio", "0:2"]) == 2

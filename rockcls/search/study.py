@@ -74,18 +74,16 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     plan = StudyPlan(base, tune, sorted(fixed), name, url)
     storage = build_storage(url, heartbeat=tune.heartbeat, retries=tune.retries)
     study_run_id = open_study(plan, storage, identity)
-    training.log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
-    try:
+    # An error ends the study run (KILLED or FAILED with its reason); otherwise close_study_run decides.
+    with tracking.closing(study_run_id, finish=False):
+        training.log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
         codes = launch_workers(plan, devices) if devices else [run_in_process(plan)]
-    except KeyboardInterrupt:
-        tracking.end_run(study_run_id, "KILLED")
-        raise
-    study = optuna.load_study(study_name=plan.study_name, storage=storage)
-    outcome = summarise(study, plan, study_run_id)
-    outcome.worker_codes = codes
-    if not any(codes):
-        finalise_study(study, storage, plan, outcome)
-    close_study_run(study, study_run_id, target=tune.trials, failed=any(codes))
+        study = optuna.load_study(study_name=plan.study_name, storage=storage)
+        outcome = summarise(study, plan, study_run_id)
+        outcome.worker_codes = codes
+        if not any(codes):
+            finalise_study(study, storage, plan, outcome)
+        close_study_run(study, study_run_id, target=tune.trials, failed=any(codes))
     return outcome
 
 

@@ -103,18 +103,19 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
             names.BACKBONE: backbone_label(plan.base, space), names.DATA_FINGERPRINT: identity["data_fingerprint"]}
     run_id = tracking.start_run(experiment=plan.base.experiment, name=f"study-{plan.study_name}", kind="study",
                                 tags=tags, adopt_env_run=True)
-    tracking.log_params(run_id, {**{f"search.{d.name}": d.describe() for d in space},
-                                 **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
-                                 "study_name": plan.study_name, **pruner_params(plan.tune),
-                                 "direction": "maximize", "objective": "cv_macro_f1"})
-    tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
-    tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")
-    tracking.set_description(run_id, describe_study(plan))
-    study.set_user_attr(ATTR_RUN, run_id)
-    study.set_user_attr(ATTR_IDENTITY, identity)
-    baseline = baseline_params(space, plan.base) if plan.tune.baseline else {}
-    top_up_tickets(study, plan.tune.trials, opening_params(space, baseline), baseline=bool(baseline))
-    study.set_user_attr(ATTR_READY, True)
+    with tracking.closing(run_id, finish=False):  # a study that fails to set up leaves no RUNNING run
+        tracking.log_params(run_id, {**{f"search.{d.name}": d.describe() for d in space},
+                                     **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
+                                     "study_name": plan.study_name, **pruner_params(plan.tune),
+                                     "direction": "maximize", "objective": "cv_macro_f1"})
+        tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
+        tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")
+        tracking.set_description(run_id, describe_study(plan))
+        study.set_user_attr(ATTR_RUN, run_id)
+        study.set_user_attr(ATTR_IDENTITY, identity)
+        baseline = baseline_params(space, plan.base) if plan.tune.baseline else {}
+        top_up_tickets(study, plan.tune.trials, opening_params(space, baseline), baseline=bool(baseline))
+        study.set_user_attr(ATTR_READY, True)
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
     return run_id
