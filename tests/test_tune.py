@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -678,24 +679,27 @@ def test_pruning_steps_keep_folds_apart_and_skip_the_last_epoch(monkeypatch):
 
 
 def test_wilcoxon_reporter_reports_each_fold_once_on_its_index_and_asks_only_between_folds(monkeypatch):
-    monkeypatch.setattr(search_trial, "find_trial_run", lambda *_: None)
     trial = FoldValues()
-    reporter = search_trial.FoldReporter(trial, folds=3, epochs=2, study_run_id="x", select="last")
-    for fold, scores in enumerate([(0.4, 0.6), (0.7, 0.5), (0.3, 0.8)]):
-        for epoch, value in enumerate(scores):
-            reporter(fold, epoch, {"val_macro_f1": value})
-    reporter.finish()
-    assert trial.values == {0: 0.6, 1: 0.5, 2: 0.8}, "step = fold, value = the kept (last) epoch's"
+    reporter = search_trial.FoldReporter(trial, folds=3)
+    for fold, score in enumerate([0.6, 0.5, 0.8]):
+        reporter(fold, score)
+    assert trial.values == {0: 0.6, 1: 0.5, 2: 0.8}, "step = fold, value = the fold's OOF macro-F1"
     assert trial.asked == [0, 1], "asked between folds, never after the last"
-    assert reporter.epochs_run == 6
+    pruned = search_trial.FoldReporter(FakeTrial(prune_at=1), folds=3)
+    pruned(0, 0.5)
+    with pytest.raises(optuna.TrialPruned, match="after fold 1: OOF macro-F1 0.4000"):
+        pruned(1, 0.4)
 
-    best = FoldValues()
-    early = search_trial.FoldReporter(best, folds=3, epochs=3, study_run_id="x", select="best")
-    for fold, epoch, value in [(0, 0, 0.5), (0, 1, 0.7), (0, 2, 0.6), (1, 0, 0.4), (2, 0, 0.2), (2, 1, 0.3)]:
-        early(fold, epoch, {"val_macro_f1": value})  # folds 1 and 2 stopped early
-    assert best.values == {0: 0.7, 1: 0.4} and best.asked == [0, 1]
-    early.finish()
-    assert best.values == {0: 0.7, 1: 0.4, 2: 0.3} and best.asked == [0, 1], "the last fold: reported, not asked"
+    logged = []
+    monkeypatch.setattr(search_trial, "find_trial_run", lambda *_: SimpleNamespace(info=SimpleNamespace(run_id="r")))
+    monkeypatch.setattr(search_trial.tracking, "log_metrics", lambda run_id, m, step: logged.append((run_id, m, step)))
+    epochs = FakeTrial()
+    on_epoch_end = search_trial.EpochReporter(epochs, folds=3, epochs=2, study_run_id="x", report=False)
+    for fold, epoch in [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]:  # fold 1 stopped early
+        on_epoch_end(fold, epoch, {"val_macro_f1": 0.5})
+    assert epochs.reported == [] and epochs.asked == [], "under wilcoxon an epoch is logged, not reported"
+    assert [step for _, _, step in logged] == [0, 1, 2, 4, 5] and on_epoch_end.epochs_run == 5
+    assert logged[0] == ("r", {"val_macro_f1": 0.5}, 0)
 
 
 class FoldValues(FakeTrial):
@@ -726,19 +730,20 @@ def wilcoxon_study(search_backbone: str = "") -> optuna.Study:
 
 
 def run_folds(study: optuna.Study, backbone: str, folds: tuple[float, ...], search_backbone: str = "") -> TrialState:
-    """One trial of ``backbone`` through the Wilcoxon reporter (one epoch per fold), told to ``study``."""
+    """One trial of ``backbone`` through the trial's hooks under wilcoxon (one epoch per fold, whose
+    value is also the fold's score), told to ``study``."""
     plan = search_space.StudyPlan(build_config(TrainConfig, {"folds": 3, "epochs": 1}),
                                   search_space.TuneConfig(pruner="wilcoxon", search_backbone=search_backbone),
                                   [], "s", "")
     study.enqueue_trial({"backbone": backbone})
     trial = study.ask()
     assert trial.suggest_categorical("backbone", ["test_vit", "test_efficientnet"]) == backbone
-    reporter = search_trial.build_reporter(trial, plan, study_run_id="")
-    reporter.run_id = ""  # no MLflow run behind this trial
+    on_epoch_end, on_fold_end = search_trial.build_hooks(trial, plan, study_run_id="")
+    on_epoch_end.run_id = ""  # no MLflow run behind this trial
     try:
         for fold, value in enumerate(folds):
-            reporter(fold, 0, {"val_macro_f1": value})
-        reporter.finish()
+            on_epoch_end(fold, 0, {"val_macro_f1": value})
+            on_fold_end(fold, value)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
@@ -793,8 +798,8 @@ def test_wilcoxon_study_with_two_workers_reports_one_value_per_fold(mlflow_store
         assert t.user_attrs[search_bookkeeping.EPOCHS] == 3
         folds = client.search_runs([runs[t.number].info.experiment_id],
                                    f"tags.`mlflow.parentRunId` = '{runs[t.number].info.run_id}'")
-        scores = {int(r.data.tags[names.FOLD]): r.data.metrics["val_macro_f1"] for r in folds}
-        assert t.intermediate_values == pytest.approx(scores), "each fold's own val macro-F1"
+        scores = {int(r.data.tags[names.FOLD]): r.data.metrics["oof_macro_f1"] for r in folds}
+        assert t.intermediate_values == pytest.approx(scores), "each fold's own OOF macro-F1"
         assert runs[t.number].data.tags[names.EPOCHS_RUN] == "3"
     params = client.get_run(outcome.study_run_id).data.params
     assert (params["pruner"], params["pruner_p"]) == ("wilcoxon", "0.4")

@@ -11,8 +11,8 @@ heartbeat) is FAILED and queued again with the same parameters.
 Each trial is one `rockcls.training.trainer.run_training` call: its train run (kind ``trial``) nests under
 the study's MLflow run, reports validation macro-F1 on step ``fold * epochs + epoch`` (so the
 pruner compares like with like; with a searched backbone, only among trials of that backbone), or
-under the Wilcoxon pruner each fold's score on step ``fold``, and stops at once when pruned (MLflow
-status KILLED)."""
+under the Wilcoxon pruner each fold's OOF macro-F1 on step ``fold``, and stops at once when pruned
+(MLflow status KILLED)."""
 
 from __future__ import annotations
 
