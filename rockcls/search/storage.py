@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 
 from rockcls.core import names, secrets, tracking
-from rockcls.core.errors import ConfigError
+from rockcls.core.errors import ConfigError, first_line
 from rockcls.search.bookkeeping import StaleTrialHandler
 
 log = logging.getLogger("rockcls")
@@ -88,18 +88,18 @@ def build_storage(url: str, *, heartbeat: int, retries: int, attempts: int = 5) 
             break
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             if attempt == attempts - 1:
-                raise ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {_first_line(exc)}") from None
+                raise cannot_open(url, exc) from None
             time.sleep(0.5 * (attempt + 1))
         except (ImportError, ValueError) as exc:
-            raise ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {_first_line(exc)}") from None
+            raise cannot_open(url, exc) from None
     if storage.engine.dialect.name == "sqlite":
         serialize_sqlite_transactions(storage.engine)
     return storage
 
 
-def _first_line(exc: BaseException) -> str:
+def cannot_open(url: str, exc: BaseException) -> ConfigError:
     # SQLAlchemy renders the URL into some messages: password included.
-    return secrets.hide(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
+    return ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {secrets.hide(first_line(exc))}")
 
 
 def serialize_sqlite_transactions(engine) -> None:

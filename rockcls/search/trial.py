@@ -10,9 +10,9 @@ import socket
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rockcls.core import names, tracking
+from rockcls.core import names, secrets, tracking
 from rockcls.core.config import with_overrides
-from rockcls.core.errors import RunStopped
+from rockcls.core.errors import RunStopped, first_line
 from rockcls.search.bookkeeping import EPOCHS, REASON, RUN_ID, epochs_run, find_trial_run
 from rockcls.search.pruning import reports_folds
 from rockcls.search.space import StudyPlan, fmt_value, train_overrides
@@ -110,9 +110,11 @@ class Objective:
         return result.cv_macro_f1
 
 
-def failure_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+def failure_reason(exc: BaseException, limit: int = 500) -> str:
+    """``TypeName: first line`` of what the trial raised (the type alone when it said nothing);
+    a storage error may quote its URL, password included."""
+    name, line = type(exc).__name__, secrets.hide(first_line(exc, limit))
+    return line if line == name else f"{name}: {line}"[:limit]
 
 
 def release_memory() -> None:
