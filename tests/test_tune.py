@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -14,6 +15,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -30,13 +32,14 @@ from rockcls.core.processes import stop_process_group, wait_for_http
 from rockcls.data.synthetic import make_dataset
 from rockcls.inference.predictor import Predictor
 from rockcls.runs import lookup as predict_lookup
+from rockcls.search import bookkeeping as search_bookkeeping
+from rockcls.search import pruning as search_pruning
 from rockcls.search import space as search_space
 from rockcls.search import storage as search_storage
 from rockcls.search import study as search_study
 from rockcls.search import tickets as search_tickets
 from rockcls.search import trial as search_trial
 from rockcls.search import workers as search_workers
-from rockcls.training import trainer as training
 from tests import postgres
 from tests.conftest import use_store
 
@@ -96,7 +99,7 @@ def six(tmp_path_factory, data_dir):
     hang on how well 40 tiny images happen to train."""
     root = tmp_path_factory.mktemp("six")
     argv = ["--data", str(data_dir), *TRAIN_ARGS, *SIX]
-    real = training.run_training
+    real = search_trial.run_training
     calls = []
 
     def flaky(cfg, **kwargs):
@@ -112,14 +115,14 @@ def six(tmp_path_factory, data_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
-        mp.setattr(training, "run_training", flaky)
+        mp.setattr(search_trial, "run_training", flaky)
         start = time.perf_counter()
         code = run_command(tune.main, argv)
         seconds = time.perf_counter() - start
         storage = f"sqlite:///{root / 'optuna.db'}"
         study = load_study(storage)
         yield {"code": code, "argv": argv, "root": root, "storage": storage, "study": study,
-               "run_id": study.user_attrs[search_space.ATTR_RUN], "client": MlflowClient(), "seconds": seconds}
+               "run_id": study.user_attrs[search_tickets.ATTR_RUN], "client": MlflowClient(), "seconds": seconds}
     mlflow.set_tracking_uri(None)
 
 
@@ -154,14 +157,14 @@ def test_mlflow_status_of_each_trial_run_matches_its_optuna_state(six):
 def test_trial_that_raises_is_failed_with_its_reason_and_replaced(six):
     failed = six["study"].get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
-    assert failed[0].user_attrs[search_space.REASON] == "FloatingPointError: loss is nan (injected)"
-    slot = failed[0].user_attrs[search_space.SLOT]
+    assert failed[0].user_attrs[search_bookkeeping.REASON] == "FloatingPointError: loss is nan (injected)"
+    slot = failed[0].user_attrs[search_tickets.SLOT]
     retry = [t for t in six["study"].get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-             if t.user_attrs[search_space.SLOT] == slot]
-    assert len(retry) == 1 and retry[0].user_attrs[search_space.ATTEMPT] == 1 and retry[0].number > failed[0].number
+             if t.user_attrs[search_tickets.SLOT] == slot]
+    assert len(retry) == 1 and retry[0].user_attrs[search_tickets.ATTEMPT] == 1 and retry[0].number > failed[0].number
     run = trial_runs(six["client"], six["run_id"])[failed[0].number]
     assert run.info.status == "FAILED"
-    assert run.data.tags[search_space.REASON] == "FloatingPointError: loss is nan (injected)"
+    assert run.data.tags[search_bookkeeping.REASON] == "FloatingPointError: loss is nan (injected)"
 
 
 def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
@@ -177,7 +180,7 @@ def test_study_run_holds_summary_plots_and_the_registered_ensemble(six):
     ensemble_run = client.get_run(client.get_run(run_id).data.tags["rockcls.ensemble_run"])
     assert ensemble_run.data.tags["mlflow.parentRunId"] == run_id and ensemble_run.info.status == "FINISHED"
     top2 = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.value, reverse=True)[:2]
-    assert ensemble_run.data.tags["rockcls.members"].split(",") == [t.user_attrs[search_space.RUN_ID] for t in top2]
+    assert ensemble_run.data.tags["rockcls.members"].split(",") == [t.user_attrs[search_bookkeeping.RUN_ID] for t in top2]
     assert metrics["ensemble_macro_f1"] == pytest.approx(ensemble_run.data.metrics["ensemble_macro_f1"])
     version = client.get_model_version_by_alias("tunetest", "champion")
     assert version.tags["rockcls.ensemble_run"] == ensemble_run.info.run_id
@@ -187,7 +190,7 @@ def test_study_run_charts_the_best_value_so_far_over_finished_trials_and_describ
     client, run_id, study = six["client"], six["run_id"], six["study"]
     # step = complete + pruned trials so far (one process: trials finish in number order); a failed
     # trial is replaced, so it does not advance the curve
-    finished = [t for t in study.get_trials() if t.state in search_space.FINISHED]
+    finished = [t for t in study.get_trials() if t.state in search_tickets.FINISHED]
     expected, best = {}, None
     for step, t in enumerate(finished, start=1):
         if t.state == TrialState.COMPLETE:
@@ -213,7 +216,7 @@ def test_rerun_resumes_to_the_same_total_and_more_trials_continue_it(six):
     assert run_command(tune.main, more) == 0
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(finished) == 7 and len(study.get_trials()) == before + 1
-    assert sorted(t.user_attrs[search_space.SLOT] for t in finished) == list(range(7))
+    assert sorted(t.user_attrs[search_tickets.SLOT] for t in finished) == list(range(7))
 
 
 def test_rerun_with_changed_settings_is_refused(six, capsys):
@@ -241,7 +244,7 @@ def test_two_worker_processes_finish_exactly_n_trials(mlflow_store, tmp_path, da
     study = load_study(storage)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, "exactly 4 trials, none extra"
-    assert sorted(t.user_attrs[search_space.SLOT] for t in trials) == list(range(4))
+    assert sorted(t.user_attrs[search_tickets.SLOT] for t in trials) == list(range(4))
     assert len({t.user_attrs[names.WORKER] for t in trials}) == 2 == len(overlap.workers), "both workers ran trials"
     runs = trial_runs(MlflowClient(), outcome.study_run_id)
     assert sorted(runs) == [t.number for t in trials]
@@ -379,8 +382,8 @@ def test_killed_worker_trial_is_failed_and_retried(mlflow_store, tmp_path, data_
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     client = MlflowClient()
-    run = trial_runs(client, study.user_attrs[search_space.ATTR_RUN])[victim]
-    assert run.info.status == "FAILED" and run.data.tags[search_space.REASON] == "worker lost (no heartbeat)"
+    run = trial_runs(client, study.user_attrs[search_tickets.ATTR_RUN])[victim]
+    assert run.info.status == "FAILED" and run.data.tags[search_bookkeeping.REASON] == "worker lost (no heartbeat)"
     folds = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
     assert folds and "RUNNING" not in {f.info.status for f in folds}, "no run of the lost trial left RUNNING"
 
@@ -676,24 +679,27 @@ def test_pruning_steps_keep_folds_apart_and_skip_the_last_epoch(monkeypatch):
 
 
 def test_wilcoxon_reporter_reports_each_fold_once_on_its_index_and_asks_only_between_folds(monkeypatch):
-    monkeypatch.setattr(search_trial, "find_trial_run", lambda *_: None)
     trial = FoldValues()
-    reporter = search_trial.FoldReporter(trial, folds=3, epochs=2, study_run_id="x", select="last")
-    for fold, scores in enumerate([(0.4, 0.6), (0.7, 0.5), (0.3, 0.8)]):
-        for epoch, value in enumerate(scores):
-            reporter(fold, epoch, {"val_macro_f1": value})
-    reporter.finish()
-    assert trial.values == {0: 0.6, 1: 0.5, 2: 0.8}, "step = fold, value = the kept (last) epoch's"
+    reporter = search_trial.FoldReporter(trial, folds=3)
+    for fold, score in enumerate([0.6, 0.5, 0.8]):
+        reporter(fold, score)
+    assert trial.values == {0: 0.6, 1: 0.5, 2: 0.8}, "step = fold, value = the fold's OOF macro-F1"
     assert trial.asked == [0, 1], "asked between folds, never after the last"
-    assert reporter.epochs_run == 6
+    pruned = search_trial.FoldReporter(FakeTrial(prune_at=1), folds=3)
+    pruned(0, 0.5)
+    with pytest.raises(optuna.TrialPruned, match="after fold 1: OOF macro-F1 0.4000"):
+        pruned(1, 0.4)
 
-    best = FoldValues()
-    early = search_trial.FoldReporter(best, folds=3, epochs=3, study_run_id="x", select="best")
-    for fold, epoch, value in [(0, 0, 0.5), (0, 1, 0.7), (0, 2, 0.6), (1, 0, 0.4), (2, 0, 0.2), (2, 1, 0.3)]:
-        early(fold, epoch, {"val_macro_f1": value})  # folds 1 and 2 stopped early
-    assert best.values == {0: 0.7, 1: 0.4} and best.asked == [0, 1]
-    early.finish()
-    assert best.values == {0: 0.7, 1: 0.4, 2: 0.3} and best.asked == [0, 1], "the last fold: reported, not asked"
+    logged = []
+    monkeypatch.setattr(search_trial, "find_trial_run", lambda *_: SimpleNamespace(info=SimpleNamespace(run_id="r")))
+    monkeypatch.setattr(search_trial.tracking, "log_metrics", lambda run_id, m, step: logged.append((run_id, m, step)))
+    epochs = FakeTrial()
+    on_epoch_end = search_trial.EpochReporter(epochs, folds=3, epochs=2, study_run_id="x", report=False)
+    for fold, epoch in [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1)]:  # fold 1 stopped early
+        on_epoch_end(fold, epoch, {"val_macro_f1": 0.5})
+    assert epochs.reported == [] and epochs.asked == [], "under wilcoxon an epoch is logged, not reported"
+    assert [step for _, _, step in logged] == [0, 1, 2, 4, 5] and on_epoch_end.epochs_run == 5
+    assert logged[0] == ("r", {"val_macro_f1": 0.5}, 0)
 
 
 class FoldValues(FakeTrial):
@@ -714,7 +720,7 @@ def wilcoxon_study(search_backbone: str = "") -> optuna.Study:
     from optuna.trial import create_trial
 
     tune_cfg = search_space.TuneConfig(pruner="wilcoxon", search_backbone=search_backbone)
-    study = optuna.create_study(direction="maximize", pruner=search_space.build_pruner(tune_cfg, steps=3))
+    study = optuna.create_study(direction="maximize", pruner=search_pruning.build_pruner(tune_cfg, steps=3))
     dist = {"backbone": CategoricalDistribution(["test_vit", "test_efficientnet"])}
     for label, folds in [("test_vit", (0.9, 0.88, 0.91)), ("test_efficientnet", (0.42, 0.42, 0.42)),
                          ("test_efficientnet", (0.38, 0.4, 0.36))]:
@@ -724,19 +730,20 @@ def wilcoxon_study(search_backbone: str = "") -> optuna.Study:
 
 
 def run_folds(study: optuna.Study, backbone: str, folds: tuple[float, ...], search_backbone: str = "") -> TrialState:
-    """One trial of ``backbone`` through the Wilcoxon reporter (one epoch per fold), told to ``study``."""
+    """One trial of ``backbone`` through the trial's hooks under wilcoxon (one epoch per fold, whose
+    value is also the fold's score), told to ``study``."""
     plan = search_space.StudyPlan(build_config(TrainConfig, {"folds": 3, "epochs": 1}),
                                   search_space.TuneConfig(pruner="wilcoxon", search_backbone=search_backbone),
                                   [], "s", "")
     study.enqueue_trial({"backbone": backbone})
     trial = study.ask()
     assert trial.suggest_categorical("backbone", ["test_vit", "test_efficientnet"]) == backbone
-    reporter = search_trial.build_reporter(trial, plan, study_run_id="")
-    reporter.run_id = ""  # no MLflow run behind this trial
+    on_epoch_end, on_fold_end = search_trial.build_hooks(trial, plan, study_run_id="")
+    on_epoch_end.run_id = ""  # no MLflow run behind this trial
     try:
         for fold, value in enumerate(folds):
-            reporter(fold, 0, {"val_macro_f1": value})
-        reporter.finish()
+            on_epoch_end(fold, 0, {"val_macro_f1": value})
+            on_fold_end(fold, value)
     except optuna.TrialPruned:
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED
@@ -762,13 +769,13 @@ def test_wilcoxon_with_a_searched_backbone_compares_with_the_best_trial_of_the_s
 
 
 def test_wilcoxon_needs_a_p_threshold_its_folds_can_reach():
-    search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=3)
-    search_space.check_pruner(search_space.TuneConfig(pruner="median", pruner_p=0.01), folds=1)
+    search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=3)
+    search_pruning.check_pruner(search_space.TuneConfig(pruner="median", pruner_p=0.01), folds=1)
     with pytest.raises(ConfigError, match=r"pruner: wilcoxon .* give --folds 3 or more \(got 2\)"):
-        search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=2)
+        search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon"), folds=2)
     with pytest.raises(ConfigError, match=r"pruner_p: with 3 folds .* smallest p-value \(every fold worse\) is 0.25"):
-        search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.2), folds=3)
-    search_space.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.1), folds=5)
+        search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.2), folds=3)
+    search_pruning.check_pruner(search_space.TuneConfig(pruner="wilcoxon", pruner_p=0.1), folds=5)
     with pytest.raises(ConfigError, match="pruner_p: must be < 1.0"):
         build_config(search_space.TuneConfig, {"pruner_p": "1"})
 
@@ -788,15 +795,43 @@ def test_wilcoxon_study_with_two_workers_reports_one_value_per_fold(mlflow_store
     runs = trial_runs(client, outcome.study_run_id)
     for t in trials:
         assert sorted(t.intermediate_values) == [0, 1, 2], "one value per fold, keyed by the fold index"
-        assert t.user_attrs[search_space.EPOCHS] == 3
+        assert t.user_attrs[search_bookkeeping.EPOCHS] == 3
         folds = client.search_runs([runs[t.number].info.experiment_id],
                                    f"tags.`mlflow.parentRunId` = '{runs[t.number].info.run_id}'")
-        scores = {int(r.data.tags[names.FOLD]): r.data.metrics["val_macro_f1"] for r in folds}
-        assert t.intermediate_values == pytest.approx(scores), "each fold's own val macro-F1"
+        scores = {int(r.data.tags[names.FOLD]): r.data.metrics["oof_macro_f1"] for r in folds}
+        assert t.intermediate_values == pytest.approx(scores), "each fold's own OOF macro-F1"
         assert runs[t.number].data.tags[names.EPOCHS_RUN] == "3"
     params = client.get_run(outcome.study_run_id).data.params
     assert (params["pruner"], params["pruner_p"]) == ("wilcoxon", "0.4")
     assert outcome.epochs_run == 6
+
+
+def test_study_run_of_a_study_that_raises_ends_failed_with_its_reason_and_an_interrupted_one_killed(
+        mlflow_store, tmp_path, data_dir, monkeypatch):
+    """An ordinary error after the study run opened used to leave it RUNNING (only ^C ended it)."""
+    base, fixed = search_space.build_search_config(dict(
+        data=str(data_dir), backbone="test_efficientnet", pretrained=False, img_size=32, epochs=1, num_workers=0))
+    tune_cfg = build_config(search_space.TuneConfig, dict(trials=1, top_k=0))
+
+    def broken(plan):
+        raise RuntimeError("injected: no worker could start\nsecond line")
+
+    monkeypatch.setattr(search_study, "run_in_process", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        search_study.run_study(base, tune_cfg, fixed)
+    client = MlflowClient()
+    run_id = load_study(f"sqlite:///{tmp_path / 'optuna.db'}").user_attrs[search_tickets.ATTR_RUN]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[names.FAIL_REASON] == "injected: no worker could start"
+
+    def interrupted(plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_study, "run_in_process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search_study.run_study(base, tune_cfg, fixed)  # the same study, resumed
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_bad_tune_values_end_as_one_line_errors(mlflow_store, data_dir, capsys):
@@ -875,6 +910,18 @@ def test_auto_lr_range_spans_every_backbone_entrys_weights_and_the_baseline_trai
     assert search_space.opening_params([lr], {"lr": 1e-3}) == [{"lr": 1e-3}]
 
 
+def test_study_plan_parses_its_search_space_once_and_a_replaced_plan_its_own(monkeypatch):
+    parsed = []
+    real = search_space.build_search_space
+    monkeypatch.setattr(search_space, "build_search_space", lambda *a: parsed.append(a) or real(*a))
+    plan = search_space.StudyPlan(build_config(TrainConfig, {"folds": 3}), search_space.TuneConfig(), [], "s", "")
+    assert plan.space is plan.space and len(parsed) == 1
+    narrower = dataclasses.replace(plan, tune=dataclasses.replace(plan.tune, search_hn_memory=""))
+    assert "hn_memory" in [d.name for d in plan.space] and "hn_memory" not in [d.name for d in narrower.space]
+    assert len(parsed) == 2
+    assert search_space.StudyPlan.from_json(plan.to_json()) == plan, "the parsed space is not part of the plan's JSON"
+
+
 def test_study_identity_holds_the_backbone_choices_not_the_replaced_backbone():
     base, fixed = search_space.build_search_config({"data": "x", "backbone": "test_efficientnet"})
 
@@ -905,7 +952,7 @@ def test_pruner_compares_a_trial_only_with_trials_of_its_own_backbone(pruner):
         tune_cfg = search_space.TuneConfig(pruner=pruner, pruner_startup=2, pruner_warmup=0,
                                            search_backbone=search_backbone)
         # steps=1: one Hyperband bracket, so the bracket a trial lands in plays no part here
-        study = optuna.create_study(direction="maximize", pruner=search_space.build_pruner(tune_cfg, steps=1))
+        study = optuna.create_study(direction="maximize", pruner=search_pruning.build_pruner(tune_cfg, steps=1))
         for label, score in [("test_vit", 0.9)] * 3 + [("test_efficientnet", 0.3), ("test_efficientnet", 0.35)]:
             study.add_trial(create_trial(params={"backbone": label}, distributions=dist, value=score,
                                          intermediate_values={0: score, 1: score},
@@ -936,13 +983,13 @@ def test_study_over_two_backbones_trains_both_and_ensembles_them(mlflow_store, d
     assert trials[0].params["backbone"] == "test_efficientnet@48" and trials[0].user_attrs[names.BASELINE]
     assert {t.params["backbone"] for t in trials} == {"test_vit", "test_efficientnet@48"}
     client = MlflowClient()
-    runs = trial_runs(client, study.user_attrs[search_space.ATTR_RUN])
+    runs = trial_runs(client, study.user_attrs[search_tickets.ATTR_RUN])
     trained = {t.number: (runs[t.number].data.params["backbone"], runs[t.number].data.params["img_size"])
                for t in trials}
     for t in trials:
         assert trained[t.number] == {"test_vit": ("test_vit", "32"),
                                      "test_efficientnet@48": ("test_efficientnet", "48")}[t.params["backbone"]]
-    study_run = client.get_run(study.user_attrs[search_space.ATTR_RUN])
+    study_run = client.get_run(study.user_attrs[search_tickets.ATTR_RUN])
     assert study_run.data.params["search.backbone"] == "test_vit,test_efficientnet@48"
     assert study_run.data.tags[names.BACKBONE] == "test_vit+test_efficientnet"
     ensemble_run = client.get_run(study_run.data.tags[names.ENSEMBLE_RUN])

@@ -1,5 +1,6 @@
-"""Pruning within groups: a trial is compared only with the trials that share its value of one
-searched parameter (the backbone), because a wide backbone's first epoch is not a narrow one's."""
+"""The study's pruner: the one --pruner names, whether its settings can ever prune, and pruning
+within groups: a trial is compared only with the trials that share its value of one searched
+parameter (the backbone), because a wide backbone's first epoch is not a narrow one's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,56 @@ from typing import Any, Container
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from rockcls.core.errors import ConfigError
+from rockcls.search.space import BACKBONE, TuneConfig
+
+# Wilcoxon's per-fold test needs two finished folds before it can act and never acts after the last.
+WILCOXON_MIN_FOLDS = 3
+
+
+def build_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """The --pruner; with a searched backbone it compares each trial only with trials of its backbone."""
+    pruner = build_base_pruner(tune, steps)
+    return SameParamPruner(pruner, BACKBONE) if tune.search_backbone.strip() else pruner
+
+
+def build_base_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
+    """``steps``: the epochs of a trial (median, hyperband report each epoch; wilcoxon each fold)."""
+    if tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup, n_warmup_steps=tune.pruner_warmup)
+    if tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 1), reduction_factor=3)
+    if tune.pruner == "wilcoxon":
+        return optuna.pruners.WilcoxonPruner(p_threshold=tune.pruner_p, n_startup_steps=2)
+    return optuna.pruners.NopPruner()
+
+
+def check_pruner(tune: TuneConfig, folds: int) -> None:
+    """Wilcoxon pairs the trial's fold scores with the best trial's; it can prune before fold j+1
+    (j >= 2 finished folds) only if p_threshold exceeds 2**-j, the p-value of j folds all worse."""
+    if tune.pruner != "wilcoxon":
+        return
+    if folds < WILCOXON_MIN_FOLDS:
+        raise ConfigError(f"pruner: wilcoxon compares per-fold scores and can first prune after 2 folds, before "
+                          f"a third: give --folds {WILCOXON_MIN_FOLDS} or more (got {folds})")
+    smallest = 2.0 ** -(folds - 1)
+    if tune.pruner_p <= smallest:
+        raise ConfigError(f"pruner_p: with {folds} folds wilcoxon decides at most after {folds - 1} finished folds, "
+                          f"where the smallest p-value (every fold worse) is {smallest:g}: give a p above "
+                          f"{smallest:g} or more folds (got {tune.pruner_p:g})")
+
+
+def pruner_params(tune: TuneConfig) -> dict[str, Any]:
+    """The pruner and its settings, as the study run logs them."""
+    settings = {"median": {"pruner_startup": tune.pruner_startup, "pruner_warmup": tune.pruner_warmup},
+                "wilcoxon": {"pruner_p": tune.pruner_p}}
+    return {"pruner": tune.pruner, **settings.get(tune.pruner, {})}
+
+
+def reports_folds(tune: TuneConfig) -> bool:
+    """Whether trials report one score per fold (step = fold) rather than one per epoch."""
+    return tune.pruner == "wilcoxon"
 
 
 class SameParamPruner(optuna.pruners.BasePruner):

@@ -12,9 +12,12 @@ import optuna
 from optuna.trial import TrialState
 
 from rockcls.core import names, secrets, tracking
+from rockcls.core.errors import first_line
 from rockcls.runs import ensemble
 from rockcls.runs.registry import register_ensemble
-from rockcls.search.space import FINISHED, RUN_ID, StudyPlan, describe_study, epochs_run, fmt_value
+from rockcls.search.bookkeeping import RUN_ID, epochs_run
+from rockcls.search.space import StudyPlan, fmt_value
+from rockcls.search.tickets import FINISHED, describe_study
 
 log = logging.getLogger("rockcls")
 
@@ -144,7 +147,7 @@ def log_study_plots(study: optuna.Study, run_id: str) -> None:
                 warnings.simplefilter("ignore")
                 axes = plot(study)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-            log.warning("plot %s skipped: %s", name, str(exc).splitlines()[0][:200])
+            log.warning("plot %s skipped: %s", name, first_line(exc))
             continue
         fig = getattr(axes, "figure", None) or axes.flat[0].figure
         fig.set_size_inches(8, 5)

@@ -1,39 +1,32 @@
-"""What a study searches and with what: the tune config, the search dimensions parsed from --search-* options, the base train config and the plan every worker reads, the sampler and the pruner."""
+"""What a study searches and with what: the tune config, the search dimensions parsed from --search-* options, the base train config, the plan every worker reads and its sampler."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import optuna
-from optuna.trial import TrialState
 
-from rockcls.core import names, secrets
 from rockcls.core.config import (
     MIN_IMG_SIZE,
     TrainConfig,
     build_config,
     check_value,
     coerce_value,
-    command_flags,
     field_map,
     field_type,
     load_yaml,
     option,
 )
 from rockcls.core.errors import ConfigError
-from rockcls.search.pruning import SameParamPruner
 from rockcls.training.models import check_backbone
 
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
-
-# Wilcoxon's per-fold test needs two finished folds before it can act and never acts after the last.
-WILCOXON_MIN_FOLDS = 3
 
 # The searched backbone's parameter name: each choice is an entry of --search-backbone.
 BACKBONE = "backbone"
@@ -360,8 +353,9 @@ class StudyPlan:
     study_name: str
     storage_url: str
 
-    @property
+    @functools.cached_property
     def space(self) -> list[Dimension]:
+        """Parsed on first use, once per plan (a replaced plan parses its own)."""
         return build_search_space(self.tune, self.base, self.fixed)
 
     @property
@@ -383,95 +377,6 @@ def build_sampler(plan: StudyPlan, worker: int, seen: int) -> optuna.samplers.Ba
     # Seeded per worker and per resume, so workers and re-runs do not replay the same draws.
     seed = (plan.base.seed * 1_000_003 + worker * 7919 + seen) % 2**31
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.tune.sampler_startup)
-
-
-def build_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
-    """The --pruner; with a searched backbone it compares each trial only with trials of its backbone."""
-    pruner = build_base_pruner(tune, steps)
-    return SameParamPruner(pruner, BACKBONE) if tune.search_backbone.strip() else pruner
-
-
-def build_base_pruner(tune: TuneConfig, steps: int) -> optuna.pruners.BasePruner:
-    """``steps``: the epochs of a trial (median, hyperband report each epoch; wilcoxon each fold)."""
-    if tune.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tune.pruner_startup, n_warmup_steps=tune.pruner_warmup)
-    if tune.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(steps, 1), reduction_factor=3)
-    if tune.pruner == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=tune.pruner_p, n_startup_steps=2)
-    return optuna.pruners.NopPruner()
-
-
-def check_pruner(tune: TuneConfig, folds: int) -> None:
-    """Wilcoxon pairs the trial's fold scores with the best trial's; it can prune before fold j+1
-    (j >= 2 finished folds) only if p_threshold exceeds 2**-j, the p-value of j folds all worse."""
-    if tune.pruner != "wilcoxon":
-        return
-    if folds < WILCOXON_MIN_FOLDS:
-        raise ConfigError(f"pruner: wilcoxon compares per-fold scores and can first prune after 2 folds, before "
-                          f"a third: give --folds {WILCOXON_MIN_FOLDS} or more (got {folds})")
-    smallest = 2.0 ** -(folds - 1)
-    if tune.pruner_p <= smallest:
-        raise ConfigError(f"pruner_p: with {folds} folds wilcoxon decides at most after {folds - 1} finished folds, "
-                          f"where the smallest p-value (every fold worse) is {smallest:g}: give a p above "
-                          f"{smallest:g} or more folds (got {tune.pruner_p:g})")
-
-
-def pruner_params(tune: TuneConfig) -> dict[str, Any]:
-    """The pruner and its settings, as the study run logs them."""
-    settings = {"median": {"pruner_startup": tune.pruner_startup, "pruner_warmup": tune.pruner_warmup},
-                "wilcoxon": {"pruner_p": tune.pruner_p}}
-    return {"pruner": tune.pruner, **settings.get(tune.pruner, {})}
-
-
-def reports_folds(tune: TuneConfig) -> bool:
-    """Whether trials report one score per fold (step = fold) rather than one per epoch."""
-    return tune.pruner == "wilcoxon"
-
-
-ATTR_RUN, ATTR_IDENTITY, ATTR_READY = "rockcls.study_run_id", "rockcls.identity", "rockcls.ready"
-
-
-SLOT, ATTEMPT, RUN_ID, REASON = "rockcls.slot", "rockcls.attempt", "rockcls.run_id", names.FAIL_REASON
-
-# Epochs a trial trained (user attribute): its intermediate values count folds under wilcoxon.
-EPOCHS = "rockcls.epochs"
-
-
-def epochs_run(trial: optuna.trial.FrozenTrial) -> int:
-    """Epochs the trial trained (studies from before the attribute: one intermediate value per epoch)."""
-    return int(trial.user_attrs.get(EPOCHS, len(trial.intermediate_values)))
-
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-HELD = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-
-
-READY_WAIT_S = 60.0
-
-
-def describe_study(plan: StudyPlan, outcome: Any = None) -> str:
-    """Markdown for the study run: what is searched, the result so far and the command to resume it."""
-    base, space = plan.base, plan.space
-    trains = backbone_label(base, space)
-    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{trains}` on "
-            f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
-            f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
-            f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")
-    tune = dataclasses.replace(plan.tune, storage=secrets.mask_url(plan.storage_url), study_name=plan.study_name)
-    train = dataclasses.replace(base, data=str(Path(base.data).resolve()))
-    flags = [*command_flags(tune), *command_flags(train, skip=("resume", "config"))]
-    command = " ".join(["python search/tune.py", *flags])
-    result = ""
-    if outcome is not None and outcome.best_trial is not None:
-        result = (f"\n\n**Best trial {outcome.best_trial}: macro-F1 {outcome.best_value:.4f}** "
-                  f"({', '.join(f'{k}={fmt_value(v)}' for k, v in outcome.best_params.items())}); "
-                  f"{outcome.finished} of {plan.tune.trials} trials finished.")
-        if outcome.baseline_value is not None:
-            result += f" Baseline (train defaults): {outcome.baseline_value:.4f}."
-    return f"{what}{result}\n\nRe-run to resume or extend it (same study):\n\n```\n{command}\n```"
 
 
 def fmt_value(value: Any) -> str:

@@ -9,11 +9,10 @@ import warnings
 from pathlib import Path
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from rockcls.core import names, secrets, store, tracking
-from rockcls.core.errors import ConfigError
-from rockcls.search.space import ATTR_RUN, REASON
+from rockcls.core.errors import ConfigError, first_line
+from rockcls.search.bookkeeping import StaleTrialHandler
 
 log = logging.getLogger("rockcls")
 
@@ -89,18 +88,18 @@ def build_storage(url: str, *, heartbeat: int, retries: int, attempts: int = 5) 
             break
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             if attempt == attempts - 1:
-                raise ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {_first_line(exc)}") from None
+                raise cannot_open(url, exc) from None
             time.sleep(0.5 * (attempt + 1))
         except (ImportError, ValueError) as exc:
-            raise ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {_first_line(exc)}") from None
+            raise cannot_open(url, exc) from None
     if storage.engine.dialect.name == "sqlite":
         serialize_sqlite_transactions(storage.engine)
     return storage
 
 
-def _first_line(exc: BaseException) -> str:
+def cannot_open(url: str, exc: BaseException) -> ConfigError:
     # SQLAlchemy renders the URL into some messages: password included.
-    return secrets.hide(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
+    return ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {secrets.hide(first_line(exc))}")
 
 
 def serialize_sqlite_transactions(engine) -> None:
@@ -121,34 +120,3 @@ def serialize_sqlite_transactions(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()  # connections opened before the listeners existed
-
-
-def find_trial_run(study_run_id: str, number: int):
-    runs = [r for r in tracking.child_runs(study_run_id, kind="trial") if r.data.tags.get(names.TRIAL) == str(number)]
-    return max(runs, key=lambda r: r.info.start_time) if runs else None
-
-
-class StaleTrialHandler:
-    """Storage callback for a RUNNING trial whose worker stopped sending heartbeats (killed,
-    machine lost): close its MLflow runs as FAILED, then queue it again with the same params."""
-
-    def __init__(self, retries: int):
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        log.warning("trial %d: its worker stopped sending heartbeats; marked FAIL and queued again", trial.number)
-        study_run_id = study.user_attrs.get(ATTR_RUN)
-        if study_run_id:
-            close_lost_trial(study_run_id, trial.number)
-        self.retry(study, trial)
-
-
-def close_lost_trial(study_run_id: str, number: int) -> None:
-    run = find_trial_run(study_run_id, number)
-    if run is None:
-        return
-    for fold in tracking.child_runs(run.info.run_id, kind="fold"):
-        if fold.info.status == "RUNNING":
-            tracking.end_run(fold.info.run_id, "FAILED")
-    tracking.set_tags(run.info.run_id, {names.TRIAL_STATE: "FAIL", REASON: "worker lost (no heartbeat)"})
-    tracking.end_run(run.info.run_id, "FAILED")

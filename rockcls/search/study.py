@@ -11,8 +11,8 @@ heartbeat) is FAILED and queued again with the same parameters.
 Each trial is one `rockcls.training.trainer.run_training` call: its train run (kind ``trial``) nests under
 the study's MLflow run, reports validation macro-F1 on step ``fold * epochs + epoch`` (so the
 pruner compares like with like; with a searched backbone, only among trials of that backbone), or
-under the Wilcoxon pruner each fold's score on step ``fold``, and stops at once when pruned (MLflow
-status KILLED)."""
+under the Wilcoxon pruner each fold's OOF macro-F1 on step ``fold``, and stops at once when pruned
+(MLflow status KILLED)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,11 @@ from typing import Sequence
 import optuna
 
 from rockcls.core import store, tracking
-from rockcls.core.config import (
-    TrainConfig,
-)
+from rockcls.core.config import TrainConfig
 from rockcls.core.devices import parse_devices
-from rockcls.data.index import content_fingerprint
 from rockcls.data.folds import make_folds
+from rockcls.data.index import content_fingerprint
+from rockcls.search.pruning import check_pruner
 from rockcls.search.report import (
     StudyOutcome,
     close_study_run,
@@ -41,7 +40,6 @@ from rockcls.search.space import (
     backbone_dimension,
     backbone_label,
     build_search_space,
-    check_pruner,
     default_study_name,
     quiet_optuna,
     study_identity,
@@ -78,18 +76,16 @@ def run_study(base: TrainConfig, tune: TuneConfig, fixed: Sequence[str] = ()) ->
     plan = StudyPlan(base, tune, sorted(fixed), name, url)
     storage = build_storage(url, heartbeat=tune.heartbeat, retries=tune.retries)
     study_run_id = open_study(plan, storage, identity)
-    log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
-    try:
+    # An error ends the study run (KILLED or FAILED with its reason); otherwise close_study_run decides.
+    with tracking.closing(study_run_id, finish=False):
+        log_data_input(study_run_id, index, base.data, identity["data_fingerprint"], context="training")
         codes = launch_workers(plan, devices) if devices else [run_in_process(plan)]
-    except KeyboardInterrupt:
-        tracking.end_run(study_run_id, "KILLED")
-        raise
-    study = optuna.load_study(study_name=plan.study_name, storage=storage)
-    outcome = summarise(study, plan, study_run_id)
-    outcome.worker_codes = codes
-    if not any(codes):
-        finalise_study(study, storage, plan, outcome)
-    close_study_run(study, study_run_id, target=tune.trials, failed=any(codes))
+        study = optuna.load_study(study_name=plan.study_name, storage=storage)
+        outcome = summarise(study, plan, study_run_id)
+        outcome.worker_codes = codes
+        if not any(codes):
+            finalise_study(study, storage, plan, outcome)
+        close_study_run(study, study_run_id, target=tune.trials, failed=any(codes))
     return outcome
 
 

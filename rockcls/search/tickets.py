@@ -1,4 +1,4 @@
-"""Exactly --trials trials however many workers run: one enqueued ticket per trial, claimed by a worker (heartbeat recorded at claim), replaced when a trial fails or its worker is lost; the study run and its identity."""
+"""Exactly --trials trials however many workers run: one enqueued ticket per trial, claimed by a worker (heartbeat recorded at claim), replaced when a trial fails or its worker is lost; the study run, its description and its identity."""
 
 from __future__ import annotations
 
@@ -6,47 +6,38 @@ import dataclasses
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rockcls.core import names, secrets, tracking
+from rockcls.core.config import command_flags
 from rockcls.core.errors import ConfigError, RockclsError
+from rockcls.search.pruning import pruner_params
 from rockcls.search.space import (
-    ATTEMPT,
-    ATTR_IDENTITY,
-    ATTR_READY,
-    ATTR_RUN,
-    FINISHED,
-    HELD,
-    READY_WAIT_S,
-    SLOT,
     StudyPlan,
     backbone_label,
     baseline_params,
-    describe_study,
+    fmt_value,
     opening_params,
-    pruner_params,
 )
 
 log = logging.getLogger("rockcls")
 
+# The study's user attributes: its MLflow run, what makes it the same study, and that its tickets are queued.
+ATTR_RUN, ATTR_IDENTITY, ATTR_READY = "rockcls.study_run_id", "rockcls.identity", "rockcls.ready"
 
+# A ticket's user attributes: the slot it fills and which attempt at that slot it is.
+SLOT, ATTEMPT = "rockcls.slot", "rockcls.attempt"
 
+# Trials that fill their slot for good, and those that keep every other ticket of their slot waiting.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+HELD = (TrialState.RUNNING, *FINISHED)
 
-
-
-
-
-
-
-
-
-
-
-
-
+# Seconds a process that lost the race to create the study waits for the winner to queue the tickets.
+READY_WAIT_S = 60.0
 
 
 def slot_of(trial: FrozenTrial) -> int | None:
@@ -65,6 +56,17 @@ def top_up_tickets(study: optuna.Study, target: int, first: Sequence[dict[str, A
         marks = {names.BASELINE: True} if s == 0 and baseline else {}
         study.enqueue_trial(first[s] if s < len(first) else {}, user_attrs={SLOT: s, ATTEMPT: 0, **marks})
     return len(missing)
+
+
+def queue_replacement(study: optuna.Study, trial: FrozenTrial, retries: int) -> None:
+    """A fresh ticket for the slot of ``trial``, which raised, unless the slot used up its ``retries``."""
+    slot, attempt = slot_of(trial), int(trial.user_attrs.get(ATTEMPT, 0))
+    if slot is None:
+        return
+    if attempt >= retries:
+        log.warning("slot %d: %d attempt(s) failed; left empty (re-run the command to try it again)", slot, attempt + 1)
+        return
+    study.enqueue_trial({}, user_attrs={SLOT: slot, ATTEMPT: attempt + 1})
 
 
 def open_study(plan: StudyPlan, storage: optuna.storages.RDBStorage, identity: dict[str, Any]) -> str:
@@ -101,23 +103,44 @@ def set_up_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any])
             names.BACKBONE: backbone_label(plan.base, space), names.DATA_FINGERPRINT: identity["data_fingerprint"]}
     run_id = tracking.start_run(experiment=plan.base.experiment, name=f"study-{plan.study_name}", kind="study",
                                 tags=tags, adopt_env_run=True)
-    tracking.log_params(run_id, {**{f"search.{d.name}": d.describe() for d in space},
-                                 **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
-                                 "study_name": plan.study_name, **pruner_params(plan.tune),
-                                 "direction": "maximize", "objective": "cv_macro_f1"})
-    tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
-    tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")
-    tracking.set_description(run_id, describe_study(plan))
-    study.set_user_attr(ATTR_RUN, run_id)
-    study.set_user_attr(ATTR_IDENTITY, identity)
-    baseline = baseline_params(space, plan.base) if plan.tune.baseline else {}
-    top_up_tickets(study, plan.tune.trials, opening_params(space, baseline), baseline=bool(baseline))
-    study.set_user_attr(ATTR_READY, True)
+    with tracking.closing(run_id, finish=False):  # a study that fails to set up leaves no RUNNING run
+        tracking.log_params(run_id, {**{f"search.{d.name}": d.describe() for d in space},
+                                     **{f"fixed.{k}": v for k, v in identity["fixed"].items()},
+                                     "study_name": plan.study_name, **pruner_params(plan.tune),
+                                     "direction": "maximize", "objective": "cv_macro_f1"})
+        tune = {**dataclasses.asdict(plan.tune), "storage": secrets.mask_url(plan.storage_url)}
+        tracking.log_dict(run_id, {"identity": identity, "tune": tune}, "study.yaml")
+        tracking.set_description(run_id, describe_study(plan))
+        study.set_user_attr(ATTR_RUN, run_id)
+        study.set_user_attr(ATTR_IDENTITY, identity)
+        baseline = baseline_params(space, plan.base) if plan.tune.baseline else {}
+        top_up_tickets(study, plan.tune.trials, opening_params(space, baseline), baseline=bool(baseline))
+        study.set_user_attr(ATTR_READY, True)
     log.info("study %s created in %s: %d trials, searching %s", plan.study_name, secrets.mask_url(plan.storage_url),
              plan.tune.trials, ", ".join(f"{d.name} {d.describe()}" for d in space))
     return run_id
 
 
+def describe_study(plan: StudyPlan, outcome: Any = None) -> str:
+    """Markdown for the study run: what is searched, the result so far and the command to resume it."""
+    base, space = plan.base, plan.space
+    trains = backbone_label(base, space)
+    what = (f"**Optuna study** `{plan.study_name}`: {plan.tune.trials} trials of training `{trains}` on "
+            f"`{base.data}`, searching {', '.join(f'{d.name} {d.describe()}' for d in space)}; pruner "
+            f"{plan.tune.pruner}. Children: one trial run per trial and the ensemble of the best "
+            f"{plan.tune.top_k}; `best_macro_f1` is the best trial so far (step: finished trials).")
+    tune = dataclasses.replace(plan.tune, storage=secrets.mask_url(plan.storage_url), study_name=plan.study_name)
+    train = dataclasses.replace(base, data=str(Path(base.data).resolve()))
+    flags = [*command_flags(tune), *command_flags(train, skip=("resume", "config"))]
+    command = " ".join(["python search/tune.py", *flags])
+    result = ""
+    if outcome is not None and outcome.best_trial is not None:
+        result = (f"\n\n**Best trial {outcome.best_trial}: macro-F1 {outcome.best_value:.4f}** "
+                  f"({', '.join(f'{k}={fmt_value(v)}' for k, v in outcome.best_params.items())}); "
+                  f"{outcome.finished} of {plan.tune.trials} trials finished.")
+        if outcome.baseline_value is not None:
+            result += f" Baseline (train defaults): {outcome.baseline_value:.4f}."
+    return f"{what}{result}\n\nRe-run to resume or extend it (same study):\n\n```\n{command}\n```"
 
 
 def join_study(study: optuna.Study, plan: StudyPlan, identity: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""One trial: a train run under the study run, its val macro-F1 reported to the pruner after every epoch (or, under wilcoxon, its score after every fold), its outcome recorded on the trial and its run."""
+"""One trial: a train run under the study run, its val macro-F1 reported to the pruner after every epoch (or, under wilcoxon, each fold's OOF macro-F1 after the fold), its outcome recorded on the trial and its run."""
 
 from __future__ import annotations
 
@@ -10,24 +10,13 @@ import socket
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rockcls.core import names, tracking
+from rockcls.core import names, secrets, tracking
 from rockcls.core.config import with_overrides
-from rockcls.core.errors import RunStopped
-from rockcls.search.space import (
-    ATTEMPT,
-    EPOCHS,
-    FINISHED,
-    REASON,
-    RUN_ID,
-    SLOT,
-    StudyPlan,
-    epochs_run,
-    fmt_value,
-    reports_folds,
-    train_overrides,
-)
-from rockcls.search.storage import find_trial_run
-from rockcls.search.tickets import slot_of
+from rockcls.core.errors import RunStopped, first_line
+from rockcls.search.bookkeeping import EPOCHS, REASON, RUN_ID, epochs_run, find_trial_run
+from rockcls.search.pruning import reports_folds
+from rockcls.search.space import StudyPlan, fmt_value, train_overrides
+from rockcls.search.tickets import ATTEMPT, FINISHED, SLOT, queue_replacement
 from rockcls.training.trainer import run_training
 
 log = logging.getLogger("rockcls")
@@ -37,15 +26,14 @@ class PrunedTrial(optuna.TrialPruned, RunStopped):
     """Optuna stops the trial (it is a TrialPruned); its train and fold runs end KILLED, not FAILED."""
 
 
-
-
 class EpochReporter:
-    """``on_epoch_end`` hook: report val macro-F1 on step fold * epochs + epoch, log it on the
-    trial run, and stop the trial when the pruner says so (never at the last step: Hyperband
-    would prune a finished trial)."""
+    """``on_epoch_end`` hook: log val macro-F1 on the trial run on step fold * epochs + epoch and
+    count the epochs trained; with ``report`` (the per-epoch pruners) also report it on that step
+    and stop the trial when the pruner says so (never at the last step: Hyperband would prune a
+    finished trial)."""
 
-    def __init__(self, trial: optuna.Trial, *, folds: int, epochs: int, study_run_id: str):
-        self.trial, self.folds, self.epochs, self.study_run_id = trial, folds, epochs, study_run_id
+    def __init__(self, trial: optuna.Trial, *, folds: int, epochs: int, study_run_id: str, report: bool = True):
+        self.trial, self.epochs, self.study_run_id, self.report = trial, epochs, study_run_id, report
         self.last_step = folds * epochs - 1
         self.run_id: str | None = None
         self.epochs_run = 0
@@ -54,8 +42,10 @@ class EpochReporter:
         step = fold * self.epochs + epoch
         value = float(metrics["val_macro_f1"])
         self.epochs_run += 1
-        self.trial.report(value, step)
         self.log_epoch(step, value)
+        if not self.report:
+            return
+        self.trial.report(value, step)
         if step < self.last_step and self.trial.should_prune():
             raise PrunedTrial(f"fold {fold} epoch {epoch}: val macro-F1 {value:.4f}")
 
@@ -66,55 +56,28 @@ class EpochReporter:
         if self.run_id:
             tracking.log_metrics(self.run_id, {"val_macro_f1": value}, step=step)
 
-    def finish(self) -> None:
-        """After the last fold: nothing left to report per epoch."""
 
+class FoldReporter:
+    """``on_fold_end`` hook for the Wilcoxon pruner, which pairs per-instance scores across
+    trials: each fold's OOF macro-F1 (its kept weights, with the run's TTA) is reported once, on
+    step = fold index, as soon as the fold's result is saved; the trial is asked between folds,
+    never after the last one."""
 
-class FoldReporter(EpochReporter):
-    """``on_epoch_end`` hook for the Wilcoxon pruner, which pairs per-instance scores across
-    trials: each fold's score (val macro-F1 of the epoch it keeps, by ``select``) is reported once,
-    on step = fold index, when the fold ends; the trial is asked between folds, never after the
-    last one. A fold ends at its last epoch, or, stopped early, when the next fold's first epoch
-    arrives (then that epoch is spent before the question). Every epoch is still logged on the
-    trial run, on step fold * epochs + epoch."""
+    def __init__(self, trial: optuna.Trial, *, folds: int):
+        self.trial, self.folds = trial, folds
 
-    def __init__(self, trial: optuna.Trial, *, folds: int, epochs: int, study_run_id: str, select: str):
-        super().__init__(trial, folds=folds, epochs=epochs, study_run_id=study_run_id)
-        self.select = select
-        self.fold, self.scores = -1, []
-
-    def __call__(self, fold: int, epoch: int, metrics: dict[str, float]) -> None:
-        value = float(metrics["val_macro_f1"])
-        self.epochs_run += 1
-        self.log_epoch(fold * self.epochs + epoch, value)
-        if fold != self.fold:
-            self.end_fold()
-            self.fold = fold
-        self.scores.append(value)
-        if epoch == self.epochs - 1:
-            self.end_fold()
-
-    def end_fold(self) -> None:
-        if not self.scores:
-            return
-        score = max(self.scores) if self.select == "best" else self.scores[-1]
-        fold, self.scores = self.fold, []
+    def __call__(self, fold: int, score: float) -> None:
         self.trial.report(score, fold)
         if fold < self.folds - 1 and self.trial.should_prune():
-            raise PrunedTrial(f"after fold {fold}: fold macro-F1 {score:.4f}, behind the best trial's folds")
-
-    def finish(self) -> None:
-        """The last fold, if it stopped early (its score is reported; no question is asked)."""
-        self.end_fold()
+            raise PrunedTrial(f"after fold {fold}: OOF macro-F1 {score:.4f}, behind the best trial's folds")
 
 
-def build_reporter(trial: optuna.Trial, plan: StudyPlan, study_run_id: str) -> EpochReporter:
-    """Per fold under wilcoxon, per epoch otherwise."""
-    base = plan.base
-    if reports_folds(plan.tune):
-        return FoldReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=study_run_id,
-                            select=base.select)
-    return EpochReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=study_run_id)
+def build_hooks(trial: optuna.Trial, plan: StudyPlan, study_run_id: str) -> tuple[EpochReporter, FoldReporter | None]:
+    """The trial's ``on_epoch_end`` and ``on_fold_end`` hooks: the pruner hears each fold under
+    wilcoxon, each epoch otherwise; every epoch is logged on the trial run either way."""
+    base, per_fold = plan.base, reports_folds(plan.tune)
+    epochs = EpochReporter(trial, folds=base.folds, epochs=base.epochs, study_run_id=study_run_id, report=not per_fold)
+    return epochs, FoldReporter(trial, folds=base.folds) if per_fold else None
 
 
 class Objective:
@@ -127,32 +90,31 @@ class Objective:
         trial.set_user_attr(names.WORKER, f"{socket.gethostname()}:{os.getpid()}")
         params = {d.name: d.suggest(trial) for d in self.space}
         base = self.plan.base
-        reporter = build_reporter(trial, self.plan, self.study_run_id)
+        on_epoch_end, on_fold_end = build_hooks(trial, self.plan, self.study_run_id)
         tags = {names.TRIAL: str(trial.number), names.STUDY: self.plan.study_name,
                 SLOT: str(trial.user_attrs.get(SLOT, "")), ATTEMPT: str(trial.user_attrs.get(ATTEMPT, ""))}
         log.info("trial %d: %s", trial.number, ", ".join(f"{k}={fmt_value(v)}" for k, v in params.items()))
         try:
             cfg = with_overrides(base, **train_overrides(self.space, params))
             result = run_training(cfg, parent_run_id=self.study_run_id, kind="trial", tags=tags,
-                                           on_epoch_end=reporter)
-            reporter.finish()
+                                  on_epoch_end=on_epoch_end, on_fold_end=on_fold_end)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
             trial.set_user_attr(REASON, failure_reason(exc))
             raise
         finally:
-            trial.set_user_attr(EPOCHS, reporter.epochs_run)
+            trial.set_user_attr(EPOCHS, on_epoch_end.epochs_run)
             release_memory()
         trial.set_user_attr(RUN_ID, result.run_id)
         return result.cv_macro_f1
 
 
-
-
-def failure_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+def failure_reason(exc: BaseException, limit: int = 500) -> str:
+    """``TypeName: first line`` of what the trial raised (the type alone when it said nothing);
+    a storage error may quote its URL, password included."""
+    name, line = type(exc).__name__, secrets.hide(first_line(exc, limit))
+    return line if line == name else f"{name}: {line}"[:limit]
 
 
 def release_memory() -> None:
@@ -211,17 +173,3 @@ def log_progress(study: optuna.Study, study_run_id: str) -> None:
     if complete:
         metrics["best_macro_f1"] = max(complete)
     tracking.log_metrics(study_run_id, metrics, step=step)
-
-
-def queue_replacement(study: optuna.Study, trial: FrozenTrial, retries: int) -> None:
-    slot, attempt = slot_of(trial), int(trial.user_attrs.get(ATTEMPT, 0))
-    if slot is None:
-        return
-    if attempt >= retries:
-        log.warning("slot %d: %d attempt(s) failed; left empty (re-run the command to try it again)", slot, attempt + 1)
-        return
-    study.enqueue_trial({}, user_attrs={SLOT: slot, ATTEMPT: attempt + 1})
-
-
-
-

@@ -19,15 +19,10 @@ from rockcls.core import store, tracking
 from rockcls.core.config import with_overrides
 from rockcls.core.devices import child_device, device_env
 from rockcls.core.processes import interrupt_processes
-from rockcls.search.space import (
-    ATTR_RUN,
-    StudyPlan,
-    build_pruner,
-    build_sampler,
-    quiet_optuna,
-)
+from rockcls.search.pruning import build_pruner
+from rockcls.search.space import StudyPlan, build_sampler, quiet_optuna
 from rockcls.search.storage import build_storage
-from rockcls.search.tickets import NoTicketLeft, TicketStudy
+from rockcls.search.tickets import ATTR_RUN, NoTicketLeft, TicketStudy
 from rockcls.search.trial import Objective, TrialRecorder
 
 log = logging.getLogger("rockcls")
