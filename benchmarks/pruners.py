@@ -10,8 +10,9 @@ it trains every pruner's trials.
 
 ``--mode replay`` (default, for a small CPU): one study without pruning (``ROOT/none``) records
 every epoch's validation macro-F1 of every trial; then each pruner, the real Optuna pruner that
-``--pruner`` builds fed by the real reporters of ``rockcls.search.trial``, decides on those curves
-for the same trial sequence. A trial's epochs do not depend on later ones (each epoch is seeded by
+``--pruner`` builds fed by the real hooks of ``rockcls.search.trial``, decides on those curves
+for the same trial sequence (a fold's score for wilcoxon is its kept epoch's value: with the cheap
+setting's ``--tta none`` and no EMA that is exactly the fold's OOF macro-F1). A trial's epochs do not depend on later ones (each epoch is seeded by
 (seed, fold, epoch)), so a pruned trial's curve is exactly its prefix in the recorded one; what
 replay leaves out is the sampler's reaction to pruned trials (TPE would then suggest other
 parameters). Wall time is the recorded trials' seconds per epoch times the epochs a pruner spends
@@ -41,15 +42,11 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from rockcls.search.space import (  # noqa: E402
-    FINISHED,
-    StudyPlan,
-    TuneConfig,
-    build_pruner,
-    epochs_run,
-    quiet_optuna,
-)
-from rockcls.search.trial import PrunedTrial, build_reporter  # noqa: E402
+from rockcls.search.bookkeeping import epochs_run  # noqa: E402
+from rockcls.search.pruning import build_pruner  # noqa: E402
+from rockcls.search.space import StudyPlan, TuneConfig, quiet_optuna  # noqa: E402
+from rockcls.search.tickets import FINISHED  # noqa: E402
+from rockcls.search.trial import PrunedTrial, build_hooks  # noqa: E402
 
 CHEAP = ["--backbone", "resnet10t", "--pretrained", "false", "--img-size", "64", "--folds", "3", "--epochs", "3",
          "--batch-size", "32", "--num-workers", "0", "--tta", "none", "--device", "cpu"]
@@ -147,18 +144,21 @@ def replay_pruner(pruner: str, plan: StudyPlan, recorded: list) -> list:
     epochs, out = plan.base.epochs, []
     for rec in recorded:
         trial = study.ask(fixed_distributions=rec.distributions)
-        reporter = build_reporter(trial, plan, study_run_id="")
-        reporter.run_id = ""  # nothing to log: no MLflow run behind a replayed trial
+        on_epoch_end, on_fold_end = build_hooks(trial, plan, study_run_id="")
+        on_epoch_end.run_id = ""  # nothing to log: no MLflow run behind a replayed trial
         try:
-            for step in sorted(rec.intermediate_values):
-                reporter(step // epochs, step % epochs, {"val_macro_f1": rec.intermediate_values[step]})
-            reporter.finish()
+            for fold in range(plan.base.folds):
+                curve = [rec.intermediate_values[s] for s in sorted(rec.intermediate_values) if s // epochs == fold]
+                for epoch, value in enumerate(curve):
+                    on_epoch_end(fold, epoch, {"val_macro_f1": value})
+                if on_fold_end is not None and curve:
+                    on_fold_end(fold, max(curve) if plan.base.select == "best" else curve[-1])
         except PrunedTrial:
             study.tell(trial, state=TrialState.PRUNED)
-            out.append((TrialState.PRUNED, reporter.epochs_run, None))
+            out.append((TrialState.PRUNED, on_epoch_end.epochs_run, None))
             continue
         study.tell(trial, rec.value)
-        out.append((TrialState.COMPLETE, reporter.epochs_run, rec.value))
+        out.append((TrialState.COMPLETE, on_epoch_end.epochs_run, rec.value))
     return out
 
 
