@@ -10,9 +10,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from rockcls.commands import distill as distill_cmd
 from rockcls.commands import predict as predict_cmd
+from rockcls.core import names
 from rockcls.core.entry import run_command
 from rockcls.core.errors import RockclsError
 from rockcls.inference.predictor import load_models
@@ -180,3 +182,9 @@ def test_resume_from_a_damaged_last_pt_names_it_and_keeps_it(mlflow_store, synth
     with pytest.raises(RockclsError) as exc:
         run_training(tiny_config(synthetic_dir, resume=last.parent.parent.name))
     assert_one_line(exc, last, "refused")
+    run_id = last.parent.parent.name
+    assert "refused" in MlflowClient().get_run(run_id).data.tags[names.FAIL_REASON]
+    last.unlink()  # moved aside, as the message says: the fold trains again from its first epoch
+    run_training(tiny_config(synthetic_dir, resume=run_id))
+    finished = MlflowClient().get_run(run_id)
+    assert finished.info.status == "FINISHED" and names.FAIL_REASON not in finished.data.tags

@@ -270,3 +270,12 @@ def test_a_param_given_as_another_spelling_of_the_same_value_is_no_conflict():
     assert tracking.same_value("1e-3", "0.001") and tracking.same_value(" d4", "d4")
     assert not tracking.same_value("true", "0") and not tracking.same_value("false", "1")
     assert not tracking.same_value("0.1", "0.2") and not tracking.same_value("d4", "flip")
+
+
+def test_a_password_cut_at_the_line_limit_never_shows_its_start():
+    from rockcls.core import secrets
+
+    secrets.remember("postgresql://bob:Sw0rdfish-long-secret@db.example/mlflow")
+    exc = RuntimeError("x" * 190 + "Sw0rdfish-long-secret and more\nsecond line")
+    shown = secrets.hidden_first_line(exc, 200)
+    assert "Sw0rd" not in shown and len(shown) <= 200 and "second" not in shown

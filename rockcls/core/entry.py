@@ -10,8 +10,8 @@ import warnings
 
 from mlflow.exceptions import MlflowException
 
-from rockcls.core.errors import RockclsError, first_line
-from rockcls.core.secrets import hide, remember
+from rockcls.core.errors import RockclsError
+from rockcls.core.secrets import hidden_first_line, hide, remember
 
 
 def run_command(fn, argv: list[str]) -> int:
@@ -23,7 +23,7 @@ def run_command(fn, argv: list[str]) -> int:
         print(f"rockcls: error: {hide(str(exc))}", file=sys.stderr)
         return 2
     except MlflowException as exc:
-        print(f"rockcls: error: MLflow: {hide(first_line(exc, 500))}", file=sys.stderr)
+        print(f"rockcls: error: MLflow: {hidden_first_line(exc, 500)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         logging.getLogger("rockcls").warning("interrupted")

@@ -22,7 +22,12 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     message is empty. A first line that ends with ":" announces the next ("Error(s) in loading
     state_dict for X:"), which is then the one shown. The one way an exception from a library is
     shown inside a one-line error."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return first_line_of(str(exc), limit, fallback=type(exc).__name__)
+
+
+def first_line_of(text: str, limit: int = 200, *, fallback: str = "") -> str:
+    """`first_line` of a message given as text (``fallback`` when it has none)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):
         lines = lines[1:]
-    return (lines[0] if lines else type(exc).__name__)[:limit]
+    return (lines[0] if lines else fallback)[:limit]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 
+from rockcls.core.errors import first_line_of
+
 MASK = "***"
 STORAGE_ENV = "ROCKCLS_STORAGE"
 _QUERY_SECRET = re.compile(r"([?&](?:password|passwd|pwd)=)([^&#]*)", re.IGNORECASE)
@@ -72,6 +74,12 @@ class SecretFilter(logging.Filter):
             if masked != message:
                 record.msg, record.args = masked, None
         return True
+
+
+def hidden_first_line(exc: BaseException, limit: int = 200) -> str:
+    """`errors.first_line` of ``exc`` with every remembered secret hidden first, so a password cut
+    at the limit cannot show its start."""
+    return first_line_of(hide(str(exc)), limit, fallback=type(exc).__name__)
 
 
 def install_log_filter() -> None:

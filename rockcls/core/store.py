@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls.core import secrets  # noqa: E402
-from rockcls.core.errors import ConfigError, RockclsError  # noqa: E402
+from rockcls.core.errors import ConfigError, RockclsError, first_line_of  # noqa: E402
 
 
 # The pip package that brings each database driver SQLAlchemy may ask for.
@@ -77,9 +77,8 @@ def client() -> MlflowClient:
     try:
         return MlflowClient()  # a database store connects (and creates its tables) here, once per process
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise RockclsError(f"tracking store {shown_uri()} cannot be opened: "
-                           f"{secrets.hide(detail[0] if detail else type(exc).__name__)[:200]}") from None
+        detail = first_line_of(secrets.hide(str(getattr(exc, "orig", None) or exc)), fallback=type(exc).__name__)
+        raise RockclsError(f"tracking store {shown_uri()} cannot be opened: {detail}") from None
 
 
 def retry(fn, *args, attempts: int = 6, **kwargs):

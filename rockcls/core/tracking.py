@@ -106,6 +106,9 @@ def get_run(run_id: str):
 
 
 def reopen_run(run_id: str) -> None:
+    """A resumed run RUNNING again, without the failure reason its interruption left."""
+    if names.FAIL_REASON in get_run(run_id).data.tags:
+        retry(client().delete_tag, run_id, names.FAIL_REASON)
     retry(client().update_run, run_id, status="RUNNING")
 
 
@@ -118,7 +121,7 @@ def closing(run_id: str, *, finish: bool = True) -> Iterator[str]:
         yield run_id
     except BaseException as exc:
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, RunStopped)) else "FAILED"
-        reason = secrets.hide(first_line(exc, 500))
+        reason = secrets.hidden_first_line(exc, 500)
         with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
             set_tags(run_id, {names.FAIL_REASON: reason[:500]})
         end_run(run_id, status)

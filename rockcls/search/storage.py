@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 
 from rockcls.core import names, secrets, store, tracking
-from rockcls.core.errors import ConfigError, first_line
+from rockcls.core.errors import ConfigError
 from rockcls.search.bookkeeping import StaleTrialHandler
 
 log = logging.getLogger("rockcls")
@@ -99,7 +99,7 @@ def build_storage(url: str, *, heartbeat: int, retries: int, attempts: int = 5) 
 
 def cannot_open(url: str, exc: BaseException) -> ConfigError:
     # SQLAlchemy renders the URL into some messages: password included.
-    return ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {secrets.hide(first_line(exc))}")
+    return ConfigError(f"storage: cannot open {secrets.mask_url(url)}: {secrets.hidden_first_line(exc)}")
 
 
 def serialize_sqlite_transactions(engine) -> None:

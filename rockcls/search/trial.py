@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rockcls.core import names, secrets, tracking
 from rockcls.core.config import with_overrides
-from rockcls.core.errors import RunStopped, first_line
+from rockcls.core.errors import RunStopped
 from rockcls.search.bookkeeping import EPOCHS, REASON, RUN_ID, epochs_run, find_trial_run
 from rockcls.search.pruning import reports_folds
 from rockcls.search.space import StudyPlan, fmt_value, train_overrides
@@ -113,7 +113,7 @@ class Objective:
 def failure_reason(exc: BaseException, limit: int = 500) -> str:
     """``TypeName: first line`` of what the trial raised (the type alone when it said nothing);
     a storage error may quote its URL, password included."""
-    name, line = type(exc).__name__, secrets.hide(first_line(exc, limit))
+    name, line = type(exc).__name__, secrets.hidden_first_line(exc, limit)
     return line if line == name else f"{name}: {line}"[:limit]
 
 
