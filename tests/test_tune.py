@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from rockcls.training.models import automatic_lr
 from rockcls.core import devices, names, secrets
 from rockcls.core.config import AUTO_LR_PRETRAINED, TrainConfig, build_config, config_from_args
 from rockcls.core.entry import run_command
@@ -531,9 +532,9 @@ def test_auto_lr_range_is_centred_on_the_automatic_rate_and_the_baseline_uses_th
     for base in (scratch, pretrained):
         lr = {d.name: d for d in search_space.build_search_space(tune, base)}["lr"]
         low, high = search_space.AUTO_LR_SPAN
-        assert lr.log and lr.low == pytest.approx(base.peak_lr() / low) and lr.high == pytest.approx(base.peak_lr() * high)
-        assert search_space.baseline_params([lr], base) == {"lr": base.peak_lr()}
-    assert scratch.peak_lr() != pretrained.peak_lr()
+        assert lr.log and lr.low == pytest.approx(automatic_lr(base) / low) and lr.high == pytest.approx(automatic_lr(base) * high)
+        assert search_space.baseline_params([lr], base) == {"lr": automatic_lr(base)}
+    assert automatic_lr(scratch) != automatic_lr(pretrained)
     explicit = search_space.build_search_space(search_space.TuneConfig(search_lr="1e-5:1e-4"), scratch)
     assert (explicit[0].low, explicit[0].high) == (1e-5, 1e-4)
     assert search_space.baseline_params(explicit, scratch) == {k: getattr(scratch, k) for k in ("hn_ratio", "balanced_ratio", "hn_memory")}
@@ -892,7 +893,7 @@ def test_auto_lr_range_spans_every_backbone_entrys_weights_and_the_baseline_trai
         search_space.TuneConfig(search_backbone="test_vit,test_efficientnet:/w/eff.pth"), scratch)
     lr = {d.name: d for d in mixed}["lr"]
     pretrained_lr = AUTO_LR_PRETRAINED
-    assert lr.low == pytest.approx(pretrained_lr / low) and lr.high == pytest.approx(scratch.peak_lr() * high)
+    assert lr.low == pytest.approx(pretrained_lr / low) and lr.high == pytest.approx(automatic_lr(scratch) * high)
     # trial 0: the entry of the base backbone, at the automatic rate of that entry's weights
     assert search_space.baseline_params(mixed, scratch) == {
         "backbone": "test_efficientnet:/w/eff.pth", "lr": pretrained_lr, "hn_ratio": 0.0, "balanced_ratio": 0.0,
@@ -900,7 +901,7 @@ def test_auto_lr_range_spans_every_backbone_entrys_weights_and_the_baseline_trai
     same = search_space.build_search_space(search_space.TuneConfig(search_backbone="test_vit,test_efficientnet"),
                                            scratch)
     lr = {d.name: d for d in same}["lr"]
-    assert (lr.low, lr.high) == pytest.approx((scratch.peak_lr() / low, scratch.peak_lr() * high))
+    assert (lr.low, lr.high) == pytest.approx((automatic_lr(scratch) / low, automatic_lr(scratch) * high))
     other, _ = search_space.build_search_config({"data": "x", "pretrained": False, "backbone": "davit_base"})
     baseline = search_space.baseline_params(same, other)
     assert baseline["backbone"] == "test_vit", "base backbone not listed: the first entry"

@@ -134,13 +134,6 @@ class TrainConfig:
         """Where train run ``run_id`` writes its folds' files while they train (resume reads them)."""
         return Path(self.output_dir) / run_id
 
-    def peak_lr(self) -> float:
-        """``lr``, or the measured default when it is 0 (docs/benchmarks.md, accuracy ablation): a
-        network trained from scratch wants a high rate; pretrained weights are spoiled by one."""
-        if self.lr > 0:
-            return self.lr
-        return AUTO_LR_PRETRAINED if self.uses_pretrained() else AUTO_LR_SCRATCH
-
 
 C = TypeVar("C")
 

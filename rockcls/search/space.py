@@ -24,14 +24,14 @@ from rockcls.core.config import (
     option,
 )
 from rockcls.core.errors import ConfigError
-from rockcls.training.models import check_backbone
+from rockcls.training.models import automatic_lr, check_backbone
 
 PRUNERS = ("median", "hyperband", "wilcoxon", "none")
 
 # The searched backbone's parameter name: each choice is an entry of --search-backbone.
 BACKBONE = "backbone"
 
-# search_lr=auto: from the automatic rate (TrainConfig.peak_lr) divided by the first to times the second.
+# search_lr=auto: from the automatic rate (training.models.automatic_lr) divided by the first to times the second.
 AUTO_LR_SPAN = (20.0, 2.0)
 
 
@@ -287,7 +287,7 @@ def search_spec(tune: TuneConfig, bases: Sequence[TrainConfig], name: str) -> st
     ``bases`` (one per searched backbone entry, whose weights may differ) /20 to x2."""
     spec = getattr(tune, f"search_{name}").strip()
     if name == "lr" and spec == "auto":
-        peaks = [b.peak_lr() for b in bases]  # lr not fixed: base.lr is 0, the automatic rate
+        peaks = [automatic_lr(b) for b in bases]  # lr not fixed: base.lr is 0, the automatic rate
         return f"{min(peaks) / AUTO_LR_SPAN[0]:g}:{max(peaks) * AUTO_LR_SPAN[1]:g}"
     return spec
 
@@ -312,7 +312,7 @@ def baseline_params(space: Sequence[Dimension], base: TrainConfig) -> dict[str, 
     backbones = backbone_dimension(space)
     values = {BACKBONE: backbones.default_for(base)} if backbones else {}
     ref = entry_configs(base, backbones)[backbones.choices.index(values[BACKBONE])] if backbones else base
-    values.update({d.name: ref.peak_lr() if d.name == "lr" else getattr(ref, d.name)
+    values.update({d.name: automatic_lr(ref) if d.name == "lr" else getattr(ref, d.name)
                    for d in space if d.name != BACKBONE})
     return {d.name: values[d.name] for d in space if d.contains(values[d.name])}
 
