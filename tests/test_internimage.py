@@ -15,7 +15,15 @@ from rockcls.training.dcnv3 import DCNv3, dcnv3_deform_conv2d, dcnv3_grid_sample
 from rockcls.training.models import build_model_with_report
 from rockcls.training.weights import head_names
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: where other jobs share the 2 cores, two threads wait on each other and a forward
+    pass takes up to 9x longer (docs/internimage.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------- the DCNv3 core
@@ -67,6 +75,16 @@ def test_both_cores_give_the_same_outputs_and_gradients_in_float32(scale) -> Non
         results.append([out.detach()] + [t.grad for t in inputs])
     for name, a, b in zip(("output", "d input", "d offset", "d weight"), *results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("core", ["grid_sample", "deform_conv2d"])
+def test_both_cores_run_under_bfloat16_autocast(core) -> None:
+    dcn = DCNv3(16, 2, offset_scale=2.0, core_op=core)
+    x = torch.randn(2, 5, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dcn(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
 
 
 def test_an_unknown_core_is_refused_naming_the_choices() -> None:

@@ -59,21 +59,20 @@ def dcnv3_grid_sample(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     """DCNv3 sampling with ``F.grid_sample``. ``x`` (N, H, W, C); ``offset`` (N, H, W, G*9*2) in
     pixels; ``weight`` (N, H, W, G*9), softmaxed per group. Returns (N, H, W, C)."""
     n, h, w, c = x.shape
-    cg = c // groups
     ys = torch.arange(h, device=x.device, dtype=x.dtype).view(h, 1, 1, 1)
     xs = torch.arange(w, device=x.device, dtype=x.dtype).view(1, w, 1, 1)
-    pts = _kernel_points(x.device, x.dtype)
-    loc = offset.view(n, h, w, groups, POINTS, 2).add(pts).mul(offset_scale)
+    loc = offset.view(n, h, w, groups, POINTS, 2).add(_kernel_points(x.device, x.dtype)).mul(offset_scale)
     # grid_sample's align_corners=False coordinates: pixel p of a size-L axis sits at (2p + 1)/L - 1
     gx = (loc[..., 0] + xs).mul(2.0 / w).add(1.0 / w - 1.0)
     gy = (loc[..., 1] + ys).mul(2.0 / h).add(1.0 / h - 1.0)
-    grid = torch.stack((gx, gy), -1).permute(0, 3, 1, 2, 4, 5).reshape(n * groups, h * w, POINTS, 2)
-    planes = x.permute(0, 3, 1, 2).reshape(n * groups, cg, h, w)
+    # points before pixels, so the weighted sum runs over a leading axis with pixels contiguous:
+    # 1.6x faster forward and backward on the CPU than pixels first and a batched matmul
+    grid = torch.stack((gx, gy), -1).permute(0, 3, 4, 1, 2, 5).reshape(n * groups, POINTS, h * w, 2)
+    planes = x.permute(*TO_FIRST).reshape(n * groups, c // groups, h, w)
     samples = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    wts = weight.view(n, h * w, groups, POINTS).permute(0, 2, 1, 3).reshape(n * groups, h * w, POINTS, 1)
-    # (N*G, C/G, HW, 9) x (N*G, HW, 9, 1): a batched product, without a 9x-sized temporary
-    out = torch.matmul(samples.permute(0, 2, 1, 3), wts)
-    return out.view(n, groups, h * w, cg).permute(0, 2, 1, 3).reshape(n, h, w, c)
+    wts = weight.view(n, h * w, groups, POINTS).permute(0, 2, 3, 1).reshape(n * groups, 1, POINTS, h * w)
+    out = (samples * wts).sum(2)  # (N*G, C/G, HW)
+    return out.view(n, c, h * w).transpose(1, 2).reshape(n, h, w, c)
 
 
 def _to_torchvision(offset: torch.Tensor, weight: torch.Tensor, groups: int,
@@ -96,11 +95,13 @@ def dcnv3_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, weight: torch.Ten
     """DCNv3 sampling with ``torchvision.ops.deform_conv2d`` (same arguments as ``dcnv3_grid_sample``)."""
     from torchvision.ops import deform_conv2d
 
-    c = x.shape[-1]
-    off, mask = _to_torchvision(offset, weight, groups, offset_scale)
-    ones = torch.ones(c, 1, KERNEL, KERNEL, device=x.device, dtype=x.dtype)
-    out = deform_conv2d(x.permute(*TO_FIRST), off, ones, padding=(KERNEL // 2, KERNEL // 2), mask=mask)
-    return out.permute(*TO_LAST)
+    dtype, c = x.dtype, x.shape[-1]
+    # torchvision's kernels lack bfloat16 and its autocast runs them in float32: do so on every device
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    off, mask = _to_torchvision(offset.to(work), weight.to(work), groups, offset_scale)
+    ones = torch.ones(c, 1, KERNEL, KERNEL, device=x.device, dtype=work)
+    out = deform_conv2d(x.to(work).permute(*TO_FIRST), off, ones, padding=(KERNEL // 2, KERNEL // 2), mask=mask)
+    return out.permute(*TO_LAST).to(dtype)
 
 
 CORES: dict[str, Callable[..., torch.Tensor]] = {
