@@ -99,9 +99,9 @@ class MLPLayer(nn.Module):
 
 
 class InternImageLayer(nn.Module):
-    """DCNv3 then MLP, each residual. Pre-norm for T; post-norm (norm of the branch's output)
-    for S to XL, where the paper found it keeps the deep models stable; ``gamma`` layer scale
-    starts the branches near zero for S to XL."""
+    """DCNv3 then MLP, each residual. Pre-norm for T; post-norm (the norm on the branch's output)
+    for S to XL, whose ``gamma`` layer scale (1e-5) also starts each branch near zero, so the deep
+    stacks begin close to the identity."""
 
     def __init__(self, channels: int, groups: int, arch: Arch, mlp_ratio: float, drop: float,
                  drop_path: float, core_op: str, center_feature_scale: bool) -> None:
@@ -135,8 +135,8 @@ class InternImageBlock(nn.Module):
         self.blocks = nn.ModuleList(InternImageLayer(channels, groups, arch, drop_path=dp, **layer_kw)
                                     for dp in drop_path)
         # a post-norm layer already ends in a norm; a centre-feature-scale model keeps the level norm
-        if not arch.post_norm or layer_kw["center_feature_scale"]:
-            self.norm = layer_norm(channels)
+        keep_norm = not arch.post_norm or layer_kw["center_feature_scale"]
+        self.norm = layer_norm(channels) if keep_norm else nn.Identity()
         self.downsample = DownsampleLayer(channels) if downsample else None
         self.grad_checkpointing = False
 
@@ -146,8 +146,7 @@ class InternImageBlock(nn.Module):
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        if hasattr(self, "norm"):
-            x = self.norm(x)
+        x = self.norm(x)
         return self.downsample(x) if self.downsample is not None else x
 
 
@@ -163,10 +162,7 @@ class InternImage(nn.Module):
                  drop_rate: float = 0.0, drop_path_rate: float | None = None, global_pool: str = "avg",
                  core_op: str = DEFAULT_CORE_OP, center_feature_scale: bool = False) -> None:
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool: InternImage pools by average ('avg') or not at all (''), "
-                             f"not {global_pool!r}")
-        self.arch, self.num_classes, self.global_pool = arch, num_classes, global_pool
+        self.arch, self.num_classes, self.global_pool = arch, num_classes, _checked_pool(global_pool)
         self.num_features = arch.channels * 8
         self.head_hidden_size = int(self.num_features * CLS_SCALE)
         self.drop_rate = drop_rate
@@ -224,7 +220,7 @@ class InternImage(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = _checked_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
@@ -251,6 +247,12 @@ class InternImage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _checked_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool: InternImage pools by average ('avg') or not at all (''), not {global_pool!r}")
+    return global_pool
 
 
 def _init_weights(m: nn.Module) -> None:
