@@ -13,7 +13,9 @@ from timm.optim import create_optimizer_v2
 from rockcls.training import internimage  # noqa: F401  (registers internimage_t ... internimage_xl)
 from rockcls.training.dcnv3 import DCNv3, dcnv3_deform_conv2d, dcnv3_grid_sample
 from rockcls.training.models import build_model_with_report
+from rockcls.training.trainer import run_training
 from rockcls.training.weights import head_names
+from tests.conftest import tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -253,3 +255,10 @@ def test_layer_decay_groups_from_stem_to_head() -> None:
         < at["levels.0.downsample.conv.weight"] < at["levels.1.blocks.0.mlp.fc1.weight"] \
         < at["levels.3.blocks.3.mlp.fc2.weight"] < at["head.weight"] == 1.0
     assert at["conv_head.0.weight"] == 1.0
+
+
+def test_rockcls_trains_internimage_t_from_an_official_checkpoint(mlflow_store, synthetic_dir, tmp_path) -> None:
+    save_official_checkpoint(tmp_path / "internimage_t_1k_224.pth")
+    result = run_training(tiny_config(synthetic_dir, backbone="internimage_t", epochs=1, batch_size=12,
+                                      pretrained_path=str(tmp_path / "internimage_t_1k_224.pth"), gallery_size=0))
+    assert math.isfinite(result.cv_macro_f1)
