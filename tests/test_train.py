@@ -262,3 +262,27 @@ def test_ema_accumulation_and_early_stopping(mlflow_store, synthetic_dir):
     steps = [m.step for m in client.get_metric_history(fold.info.run_id, "val_macro_f1")]
     # at lr 1e-6 macro-F1 cannot keep improving: patience 1 stops the fold before epoch 6
     assert 2 <= len(steps) < 6 and steps == list(range(len(steps)))
+
+
+def test_layer_decay_scales_each_group_and_grad_checkpoint_trains_the_same_recipe(mlflow_store, synthetic_dir):
+    """layer_decay: timm's layer groups, each stepped at lr x its lr_scale (the engine keeps the
+    scale); grad_checkpoint: activations recomputed, the run otherwise as usual."""
+    from rockcls.training.engine import StepSettings, _optimizer_step
+    from rockcls.training.models import build_model
+
+    cfg = tiny_config(synthetic_dir, backbone="test_vit", lr=1e-3, layer_decay=0.5)
+    model = build_model("test_vit", 3)
+    optimizer = train_mod.build_optimizer(model, cfg)
+    scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
+    assert len(scales) > 2 and scales[-1] == 1.0 and scales[0] == pytest.approx(0.5 ** (len(scales) - 1))
+    _optimizer_step(model, optimizer, StepSettings(device=torch.device("cpu"), mean=(0.5,) * 3, std=(0.5,) * 3),
+                    None, 1e-3)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([1e-3 * s for s in scales])
+
+    result = run_training(tiny_config(synthetic_dir, backbone="test_vit", layer_decay=0.8, grad_checkpoint=True,
+                                      epochs=1))
+    params = MlflowClient().get_run(result.run_id).data.params
+    assert (params["layer_decay"], params["grad_checkpoint"]) == ("0.8", "True")
+    assert np.isfinite(result.oof_logits).all()
+    with pytest.raises(ConfigError, match="grad_checkpoint: inception_v3 does not support"):
+        run_training(tiny_config(synthetic_dir, backbone="inception_v3", grad_checkpoint=True))  # before any run

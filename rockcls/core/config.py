@@ -85,6 +85,12 @@ class TrainConfig:
     tta: str = option("d4", "test-time views of the out-of-fold predictions: none, flip, d4 "
                             "(predict uses the same by default)", choices=TTA_MODES)
     grad_clip: float = option(0.0, "gradient-norm clipping; 0 = off", min=0.0)
+    layer_decay: float = option(0.0, "layer-wise lr decay: each block group further from the head trains at this "
+                                     "factor of the next one's rate (timm's group_matcher; 0.9 in InternImage-L/XL "
+                                     "fine-tuning); 0 = off", min=0.0, max=1.0)
+    grad_checkpoint: bool = option(False, "gradient checkpointing: recompute activations in the backward pass "
+                                          "instead of keeping them (less memory for large backbones, about a "
+                                          "third more compute); the backbone must support it in timm")
     num_workers: int = option(2, "DataLoader worker processes", min=0)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     devices: str = option("", "train the folds concurrently, one process per entry: GPU ids (0,1,2,3) and/or "

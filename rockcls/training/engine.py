@@ -128,7 +128,7 @@ def _finish_step(model, optimizer, s: StepSettings, scaler, lr_at: Callable[[int
 
 def _optimizer_step(model, optimizer, s: StepSettings, scaler, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay scales each group's share
     if scaler is not None:
         scaler.unscale_(optimizer)
     if s.grad_clip > 0:

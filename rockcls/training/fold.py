@@ -27,7 +27,7 @@ from rockcls.training.distributed import from_main
 from rockcls.training.engine import StepSettings, cosine_with_warmup, evaluate, train_one_epoch
 from rockcls.training.fold_runs import VIEW_PREFIX, find_fold_run, finished_fold_result, fold_label
 from rockcls.training.memory import HardNegativeMemory
-from rockcls.training.models import build_model, model_spec
+from rockcls.training.models import build_model, enable_grad_checkpointing, model_spec, param_groups
 from rockcls.training.plan import Plan
 from rockcls.training.sampling import MixtureBatchSampler
 from rockcls.training.transforms import (
@@ -93,6 +93,8 @@ class FoldTrainer:
         model = build_model(self.cfg.backbone, len(plan.index.classes), pretrained=self.cfg.pretrained,
                             pretrained_path=self.cfg.pretrained_path,
                             cache_dir=plan.cache.folder).to(plan.device)
+        if self.cfg.grad_checkpoint:
+            enable_grad_checkpointing(model, self.cfg.backbone)
         if use_channels_last(plan.device):
             model = model.to(memory_format=torch.channels_last)
         self.net = distributed.wrap(model, self.dist, plan.device, sync_bn=self.cfg.sync_bn)
@@ -333,12 +335,8 @@ class FoldTrainer:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """``cfg.optimizer`` at ``cfg.lr`` (resolved by the plan: never 0 here); no weight decay on
-    biases and normalisation weights."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    biases and normalisation weights; with ``layer_decay`` timm's groups, each with its ``lr_scale``."""
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.optimizer == "adam":

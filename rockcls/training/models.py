@@ -33,7 +33,12 @@ from rockcls.training.weights import (
     zero_head,
 )
 
+from rockcls.training.internimage import ARCHS as INTERNIMAGE_SIZES  # noqa: E402  (importing registers them with timm)
+
 log = logging.getLogger("rockcls")
+
+# Backbones rockcls adds to timm's registry, by name: every path builds models through this module.
+ADDED_BACKBONES = tuple(INTERNIMAGE_SIZES)
 
 
 def check_backbone(backbone: str) -> None:
@@ -133,6 +138,31 @@ def _from_hub(backbone: str, num_classes: int) -> tuple[torch.nn.Module, WeightR
     total = len([k for k in model.state_dict() if not k.endswith("num_batches_tracked")])
     source = f"the hub ({cfg.get('hf_hub_id') or cfg.get('url') or backbone})"
     return model, WeightReport(source, "by name", total - len(head), total, head)
+
+
+def enable_grad_checkpointing(model: torch.nn.Module, backbone: str) -> None:
+    """timm's gradient checkpointing on ``model``, or one line when ``backbone`` has none."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError):
+        raise ConfigError(f"grad_checkpoint: {backbone} does not support gradient checkpointing in timm; "
+                          f"leave grad_checkpoint off for it") from None
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Decayed and not-decayed parameters; with ``layer_decay``, split further by timm's layer groups."""
+    if cfg.layer_decay > 0:
+        if not hasattr(model, "group_matcher"):
+            raise ConfigError(f"layer_decay: {cfg.backbone} has no layer groups in timm (group_matcher); "
+                              f"leave layer_decay 0 for it")
+        import timm.optim
+
+        return timm.optim.param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def model_spec(model: torch.nn.Module, backbone: str, classes: list[str], img_size: int,

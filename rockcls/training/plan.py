@@ -24,7 +24,7 @@ from rockcls.training import distributed
 from rockcls.training.device import resolve_amp, resolve_device
 from rockcls.training.distill import TeacherTargets, check_teacher_split, load_teacher
 from rockcls.training.distributed import SINGLE, Dist, from_main
-from rockcls.training.models import build_model_with_report, resolve_auto
+from rockcls.training.models import build_model_with_report, enable_grad_checkpointing, param_groups, resolve_auto
 from rockcls.training.sampling import BatchComposition
 
 log = logging.getLogger("rockcls")
@@ -151,8 +151,12 @@ def load_plan_teacher(plan: Plan) -> TeacherTargets | None:
 def describe_weights(cfg: TrainConfig, num_classes: int, cache: CacheSettings) -> dict[str, Any]:
     """Build the model once before any run opens: a bad backbone or weights source fails here, and
     what the pretrained weights gave the model is logged with the run."""
-    _, report = build_model_with_report(cfg.backbone, num_classes, pretrained=cfg.pretrained,
-                                        pretrained_path=cfg.pretrained_path, cache_dir=cache.folder)
+    model, report = build_model_with_report(cfg.backbone, num_classes, pretrained=cfg.pretrained,
+                                            pretrained_path=cfg.pretrained_path, cache_dir=cache.folder)
+    if cfg.grad_checkpoint:
+        enable_grad_checkpointing(model, cfg.backbone)
+    if cfg.layer_decay > 0:
+        param_groups(model, cfg)  # a backbone without layer groups fails here, before any run opens
     if report is None:
         return {"init": "random"}
     log.info("pretrained weights: %s", report.summary())
