@@ -12,7 +12,7 @@ from mlflow.exceptions import MlflowException
 
 from rockcls.core import names
 from rockcls.core.errors import ConfigError, RockclsError
-from rockcls.core.store import client, retry, shown_uri
+from rockcls.core.store import client, found, retry, shown_uri
 
 DEFAULT_EXPERIMENT = "rockcls"
 
@@ -74,10 +74,7 @@ def experiment_id(requested: str = "", *, create: bool = True) -> str:
 
 
 def _experiment(exp_id: str):
-    try:
-        return client().get_experiment(exp_id)
-    except MlflowException:
-        raise RockclsError(f"experiment id {exp_id} not found in the tracking store {shown_uri()}") from None
+    return found(f"experiment id {exp_id}", client().get_experiment, exp_id)
 
 
 def experiment_name(exp_id: str) -> str:

@@ -91,3 +91,12 @@ def retry(fn, *args, attempts: int = 6, **kwargs):
                 raise
             time.sleep(0.2 * 2 ** i)
     return None
+
+
+def found(what: str, call, *args):
+    """``call(*args)``, or one line saying ``what`` is not in this store (an unknown run or
+    experiment id), not MLflow's exception."""
+    try:
+        return call(*args)
+    except MlflowException:
+        raise RockclsError(f"{what} not found in the tracking store {shown_uri()}") from None

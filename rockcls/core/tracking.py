@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from rockcls.core import names, secrets
 from rockcls.core.downloads import download_root  # noqa: E402
 from rockcls.core.experiments import experiment_id, experiment_name  # noqa: E402
-from rockcls.core.store import client, retry, shown_uri  # noqa: E402
+from rockcls.core.store import client, found, retry, shown_uri  # noqa: E402
 from rockcls.core.config import FALSE_WORDS, TRUE_WORDS  # noqa: E402
 from rockcls.core.errors import RockclsError, RunStopped, first_line  # noqa: E402
 
@@ -99,10 +99,7 @@ def log_dataset(run_id: str, *, name: str, digest: str, source: str, profile: Ma
 
 
 def get_run(run_id: str):
-    try:
-        return client().get_run(run_id)
-    except MlflowException:
-        raise RockclsError(f"run {run_id!r} not found in the tracking store {shown_uri()}") from None
+    return found(f"run {run_id!r}", client().get_run, run_id)
 
 
 def reopen_run(run_id: str) -> None:
