@@ -15,7 +15,7 @@ import numpy as np
 import timm.utils
 import torch
 
-from rockcls.core import gallery, names, tracking
+from rockcls.core import gallery, names
 from rockcls.core.config import TrainConfig
 from rockcls.core.errors import RockclsError, first_line
 from rockcls.core.metrics import macro_f1, per_class_f1, safe_name
@@ -170,8 +170,8 @@ class FoldTrainer:
             what = f"no {exc} entry" if isinstance(exc, KeyError) else first_line(exc, 160)
             raise RockclsError(f"checkpoint {last} cannot be resumed from ({what}); move it aside to "
                                f"train fold {self.fold} again from its first epoch") from None
-        if self.dist.main and self.state.epoch - 1 not in tracking.metric_steps(self.run_id, "val_macro_f1"):
-            tracking.log_metrics(self.run_id, ck["metrics"], step=self.state.epoch - 1)
+        if self.dist.main:
+            record.log_missing_epoch(self.run_id, self.state.epoch - 1, ck["metrics"])
         log.info("fold %d: resumed after epoch %d (best macro-F1 %.4f)", self.fold, self.state.epoch - 1,
                  self.state.best_f1)
 
@@ -212,8 +212,7 @@ class FoldTrainer:
             return metrics
         save_checkpoint(self.checkpoint(metrics), self.dir / LAST_CHECKPOINT)
         self._drop_stale_best()
-        tracking.log_metrics(self.run_id, metrics, step=epoch)
-        self._log_epoch_galleries(epoch, ev)
+        record.log_epoch(self.plan, self.run_id, epoch, metrics, self._epoch_galleries(epoch, ev))
         shown = f" val_loss {metrics['val_loss']:.4f} val_macro_f1 {metrics['val_macro_f1']:.4f}" if ev else ""
         log.info("%s epoch %d: train_loss %.4f%s", self.label, epoch, metrics["train_loss"], shown)
         return metrics
@@ -237,24 +236,22 @@ class FoldTrainer:
         counts = np.bincount(self.plan.index.labels[self.train_rows[self.memory.ids()]], minlength=len(classes))
         return {f"hn_memory.count.{safe_name(c)}": float(n) for c, n in zip(classes, counts)}
 
-    def _log_epoch_galleries(self, epoch: int, ev: dict | None) -> None:
+    def _epoch_galleries(self, epoch: int, ev: dict | None) -> dict[str, list]:
         """Every ``gallery_every`` epochs the epoch's highest-loss validation images; then and at the
-        fold's last epoch the memory's highest-loss members."""
+        fold's last epoch the memory's highest-loss members (gallery key -> its examples)."""
         size, every = self.cfg.gallery_size, self.cfg.gallery_every
         due = size > 0 and every > 0 and (epoch + 1) % every == 0
         last = self.state.epoch >= self.cfg.epochs or self._early_stopped()
-        index = self.plan.index
+        index, out = self.plan.index, {}
         if due and ev is not None:
             rows = self.val_rows[ev["positions"]]
-            examples = gallery.hardest(rows, ev["logits"], ev["labels"], paths=index.paths, classes=index.classes, n=size)
-            gallery.log_gallery(self.run_id, self.plan.source, examples, key=names.HARDEST_VAL, step=epoch,
-                                table_file=f"{names.GALLERY_DIR}/{names.HARDEST_VAL}_epoch_{epoch}.csv")
+            out[names.HARDEST_VAL] = gallery.hardest(rows, ev["logits"], ev["labels"], paths=index.paths,
+                                                     classes=index.classes, n=size)
         if self.memory is not None and size > 0 and (due or last):
             rows = self.train_rows[self.memory.ids()]
-            examples = gallery.highest(rows, self.memory.losses(), index.labels[rows], paths=index.paths,
-                                       classes=index.classes, n=size)
-            gallery.log_gallery(self.run_id, self.plan.source, examples, key=names.HN_MEMORY, step=epoch,
-                                table_file=f"{names.GALLERY_DIR}/{names.HN_MEMORY}_epoch_{epoch}.csv")
+            out[names.HN_MEMORY] = gallery.highest(rows, self.memory.losses(), index.labels[rows], paths=index.paths,
+                                                   classes=index.classes, n=size)
+        return out
 
     def _track_best(self, epoch: int, f1: float) -> None:
         if f1 <= self.state.best_f1:

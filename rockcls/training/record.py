@@ -234,6 +234,20 @@ def open_fold_run(plan: Plan, parent_id: str, fold: int, fold_run: str | None, k
     return fold_run
 
 
+def log_epoch(plan: Plan, run_id: str, epoch: int, metrics: dict[str, float], galleries: dict[str, list]) -> None:
+    """An epoch of a fold: its metrics on step ``epoch`` and its galleries (key -> examples)."""
+    tracking.log_metrics(run_id, metrics, step=epoch)
+    for key, examples in galleries.items():
+        gallery.log_gallery(run_id, plan.source, examples, key=key, step=epoch,
+                            table_file=f"{names.GALLERY_DIR}/{key}_epoch_{epoch}.csv")
+
+
+def log_missing_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> None:
+    """A resumed fold's last saved epoch, if the kill came between its checkpoint and its metrics."""
+    if epoch not in tracking.metric_steps(run_id, "val_macro_f1"):
+        tracking.log_metrics(run_id, metrics, step=epoch)
+
+
 def fold_model_file(path: Path) -> tuple[Path, str]:
     """The weights a fold run keeps as a `RunUpdate` file, under the artifact name readers look for
     (`names.FOLD_MODEL`)."""
