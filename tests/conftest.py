@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# The suite trains tiny models. With two OpenMP threads on two cores that other work shares, each
+# parallel region waits for whichever thread was descheduled: a 3 ms forward pass of
+# test_efficientnet took 60-240 ms. One thread here and in the processes the tests start (they
+# inherit it; fold and tune workers set their own); set before torch is first imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from rockcls.core.config import TrainConfig, build_config  # noqa: E402
 from rockcls.data.synthetic import make_dataset  # noqa: E402
