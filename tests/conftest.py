@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -21,11 +24,35 @@ from rockcls.core.config import TrainConfig, build_config  # noqa: E402
 from rockcls.data.synthetic import make_dataset  # noqa: E402
 
 
+_EMPTY_DB: Path | None = None  # see empty_mlflow_db
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite database with every table and no experiment, copied by use_store: a new
+    store runs MLflow's schema migrations, about a second each. MLflow adds the Default experiment,
+    under the copy's own artifact root, when it first opens the copy."""
+    global _EMPTY_DB
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("DELETE FROM experiments")
+        db.commit()
+    _EMPTY_DB = path
+    yield path
+    _EMPTY_DB = None
+
+
 def use_store(mp: pytest.MonkeyPatch, root: Path) -> str:
     """Point MLflow and the image cache at a private SQLite store under ``root`` (cwd there too)."""
     import mlflow
 
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    db = root / "mlflow.db"
+    if _EMPTY_DB is not None and not db.exists():
+        shutil.copyfile(_EMPTY_DB, db)
+    uri = f"sqlite:///{db}"
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.setenv("ROCKCLS_CACHE_DIR", str(root / "cache"))
