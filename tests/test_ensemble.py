@@ -15,7 +15,6 @@ from rockcls.core.errors import RockclsError
 from rockcls.core.metrics import macro_f1
 from rockcls.runs import ensemble, voting
 from rockcls.training.trainer import run_training
-from tests.conftest import tiny_config
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -175,13 +174,12 @@ def test_crossfit_groups_are_the_cv_folds_when_there_are_several() -> None:
 
 
 
-@pytest.fixture(scope="module")
-def runs(store, synthetic_dir):
-    """Two runs on the same split (lr and the training seed differ) and one with another split_seed."""
-    a = run_training(tiny_config(synthetic_dir, epochs=2))
-    b = run_training(tiny_config(synthetic_dir, epochs=1, lr=1e-3, seed=7))
-    c = run_training(tiny_config(synthetic_dir, epochs=1, split_seed=7))
-    return a.run_id, b.run_id, c.run_id
+@pytest.fixture
+def runs(split_runs, open_store):
+    """Two runs on the same split (lr and the training seed differ) and one with another split_seed,
+    trained once per session (tests/conftest.py); the ensembles made here are logged beside them."""
+    open_store(split_runs)
+    return tuple(r.run_id for r in split_runs.results)
 
 
 def test_members_with_another_split_are_refused_naming_the_mismatch(runs) -> None:

@@ -64,9 +64,9 @@ def test_gallery_size_is_capped(tiny_cfg, synthetic_dir):
         tiny_cfg(synthetic_dir, gallery_size=65)
 
 
-def test_fold_runs_log_their_hardest_oof_images_and_the_memory_each_epoch(mlflow_store, synthetic_dir, tmp_path):
-    result = run_training(tiny_config(synthetic_dir, epochs=2, hn_ratio=0.25, gallery_size=5, gallery_every=1))
-    client = MlflowClient()
+def test_fold_runs_log_their_hardest_oof_images_and_the_memory_each_epoch(two_fold_run, tmp_path):
+    result = two_fold_run.result  # epochs 2, hn_ratio 0.25, gallery_size 5, gallery_every 1 (tests/conftest.py)
+    client = MlflowClient(two_fold_run.uri)
     classes = result.classes
     for k, run in fold_runs(client, client.get_run(result.run_id)).items():
         run_id = run.info.run_id
@@ -102,17 +102,17 @@ def test_gallery_size_zero_logs_no_image(mlflow_store, synthetic_dir):
     assert {f"hn_memory.count.{c}" for c in result.classes} <= set(run.data.metrics)  # counts are cheap: kept
 
 
-def test_only_the_process_that_owns_a_fold_run_logs_its_galleries(mlflow_store, synthetic_dir, tmp_path):
+def test_only_the_process_that_owns_a_fold_run_logs_its_galleries(mlflow_store, synthetic_dir, tmp_path,
+                                                                  devices_run):
     from tests.test_scale import finish, store_env, torchrun, train_args, train_runs
 
     out = finish(torchrun(train_args(synthetic_dir, gallery_size=4, gallery_every=1),
                           store_env(mlflow_store, tmp_path)), 240)
-    client = MlflowClient()
-    (parent,) = train_runs(client)
+    (parent,) = train_runs(MlflowClient())
     assert parent.info.status == "FINISHED", out[-3000:]
-    parallel = run_training(tiny_config(synthetic_dir, devices="cpu,cpu", hn_ratio=0.25, gallery_size=4,
-                                        gallery_every=1, experiment="parallel"))
-    for parent_id in (parent.info.run_id, parallel.run_id):
+    # devices_run: 2 epochs, devices cpu,cpu, hn_ratio 0.25, gallery_size 4, gallery_every 1 (tests/conftest.py)
+    for client, parent_id in ((MlflowClient(), parent.info.run_id),
+                              (MlflowClient(devices_run.uri), devices_run.result.run_id)):
         for run in fold_runs(client, client.get_run(parent_id)).values():
             keys = image_keys(client, run.info.run_id)  # once per step: rank 0 alone under torchrun
             assert keys == {"hardest_oof": [1], "hardest_val": [0, 1], "hn_memory": [0, 1]}

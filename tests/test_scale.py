@@ -298,9 +298,9 @@ def test_a_killed_rank_fails_the_run_cleanly_and_resume_finishes_it(mlflow_store
 
 # ------------------------------------------------------------------ folds in parallel processes
 
-def test_devices_train_the_folds_concurrently_in_processes(mlflow_store, synthetic_dir, tmp_path):
-    result = run_training(tiny_config(synthetic_dir, epochs=2, devices="cpu,cpu", hn_ratio=0.25))
-    client = MlflowClient()
+def test_devices_train_the_folds_concurrently_in_processes(devices_run):
+    result = devices_run.result  # epochs 2, devices cpu,cpu, hn_ratio 0.25 (tests/conftest.py)
+    client = MlflowClient(devices_run.uri)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["cv_macro_f1"] == pytest.approx(result.cv_macro_f1)

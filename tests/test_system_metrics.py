@@ -30,7 +30,9 @@ def test_a_train_run_and_each_fold_run_carry_system_metrics_and_the_switch_turns
     assert not system_keys(env_off)
 
 
-def test_fold_processes_of_devices_label_their_system_metrics(mlflow_store, synthetic_dir):
-    run = run_training(tiny_config(synthetic_dir, epochs=1, devices="cpu,cpu")).run_id
-    for fold in tracking.child_runs(run, kind="fold"):
+def test_fold_processes_of_devices_label_their_system_metrics(devices_run, open_store):
+    open_store(devices_run)  # its folds ran in processes on cpu,cpu (tests/conftest.py)
+    folds = tracking.child_runs(devices_run.result.run_id, kind="fold")
+    assert len(folds) == 2
+    for fold in folds:
         assert f"system/cpu/{CPU}" in system_keys(fold.info.run_id)

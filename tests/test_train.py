@@ -30,9 +30,9 @@ def fold_runs(client: MlflowClient, parent) -> dict[int, object]:
     return {int(r.data.tags["rockcls.fold"]): r for r in runs}
 
 
-def test_two_fold_run_is_fully_tracked(mlflow_store, synthetic_dir, tmp_path):
-    result = run_training(tiny_config(synthetic_dir, epochs=2, hn_ratio=0.25))
-    client = MlflowClient()
+def test_two_fold_run_is_fully_tracked(two_fold_run, tmp_path):
+    result = two_fold_run.result  # epochs 2, hn_ratio 0.25 (tests/conftest.py)
+    client = MlflowClient(two_fold_run.uri)
     parent = client.get_run(result.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["rockcls.kind"] == "train"
@@ -76,15 +76,13 @@ def test_best_checkpoint_rebuilds_the_model_alone(mlflow_store, synthetic_dir, t
     assert np.isnan(result.oof_logits[~holdout]).all() and np.isfinite(result.oof_logits[holdout]).all()
 
 
-def test_the_split_follows_split_seed_not_the_training_seed(mlflow_store, synthetic_dir):
-    a = run_training(tiny_config(synthetic_dir, epochs=1, folds=2))
-    b = run_training(tiny_config(synthetic_dir, epochs=1, folds=2, lr=1e-3, seed=9))
-    c = MlflowClient()
+def test_the_split_follows_split_seed_not_the_training_seed(split_runs):
+    a, b, other = split_runs.results  # 2 folds: a; b with lr 1e-3 and seed 7; other with split_seed 7
+    c = MlflowClient(split_runs.uri)
     tag = "rockcls.split_fingerprint"
     assert c.get_run(a.run_id).data.tags[tag] == c.get_run(b.run_id).data.tags[tag]
     np.testing.assert_array_equal(a.fold_of, b.fold_of)
     assert not np.array_equal(a.oof_logits, b.oof_logits)  # another seed trained another model
-    other = run_training(tiny_config(synthetic_dir, epochs=1, folds=2, split_seed=9))
     assert c.get_run(other.run_id).data.tags[tag] != c.get_run(a.run_id).data.tags[tag]
 
 

@@ -116,7 +116,7 @@ def six(tmp_path_factory, data_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
-        mp.setattr(search_trial, "run_training", flaky)
+        mp.setattr(search_trial, "run_training", flaky)  # where the objective looks it up
         start = time.perf_counter()
         code = run_command(tune.main, argv)
         seconds = time.perf_counter() - start
