@@ -14,7 +14,6 @@ from rockcls.core import errors as ensemble_errors
 from rockcls.core.errors import RockclsError
 from rockcls.core.metrics import macro_f1
 from rockcls.runs import ensemble, voting
-from rockcls.training.trainer import run_training
 
 CLASSES = ["a", "b", "c", "d"]
 
