@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -262,3 +264,10 @@ def test_rockcls_trains_internimage_t_from_an_official_checkpoint(mlflow_store, 
     result = run_training(tiny_config(synthetic_dir, backbone="internimage_t", epochs=1, batch_size=12,
                                       pretrained_path=str(tmp_path / "internimage_t_1k_224.pth"), gallery_size=0))
     assert math.isfinite(result.cv_macro_f1)
+    # predict, ensemble, the registry and serving rebuild the fold networks from their checkpoints
+    from rockcls.runs.lookup import load_run_predictor
+
+    predictor = load_run_predictor(result.run_id)
+    assert [type(m).__name__ for m, _ in predictor.models] == ["InternImage"] * 2
+    pred = predictor.predict([str(p) for p in sorted(Path(synthetic_dir).rglob("*.png"))[:3]], device="cpu")
+    assert pred.logits.shape == (3, len(result.classes)) and np.isfinite(pred.logits).all()

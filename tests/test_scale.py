@@ -348,9 +348,12 @@ def test_a_crashed_fold_process_fails_its_fold_and_resume_trains_only_that_fold(
 def test_a_stopped_train_run_stops_its_fold_processes(mlflow_store, tmp_path):
     data = make_dataset(tmp_path / "train", [20, 20, 20], size=40, seed=4)
     cmd = [sys.executable, "-m", "rockcls", "train",
-           *train_args(data, epochs=50, batch_size=16, backbone="test_efficientnet", devices="cpu,cpu")]
+           *train_args(data, epochs=400, batch_size=16, backbone="test_efficientnet", devices="cpu,cpu")]
     job = Watched(cmd, store_env(mlflow_store, tmp_path))
+    # both folds under way (one thread trains an epoch in a fraction of a second: a fold that started
+    # first could otherwise finish before the other logged its first epoch)
     job.wait_for(lambda line: "[fold 0]" in line and "fold 0 epoch 0:" in line, timeout=180)
+    job.wait_for(lambda line: "[fold 1]" in line and "fold 1 epoch 0:" in line, timeout=180)
     pids = [int(line.split("process ")[1].split()[0]) for line in job.lines if ": process " in line]
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(120, "train did not end after SIGTERM") == 2
