@@ -41,6 +41,16 @@ def wait_for_http(proc: subprocess.Popen, url: str, *, timeout: float, poll: flo
     return f"no answer in {timeout:.0f} s"
 
 
+def hear_interrupts() -> None:
+    """Make SIGINT raise KeyboardInterrupt in this process even if it was started with SIGINT
+    ignored. A child that `interrupt_processes` stops must hear it: Python keeps an inherited
+    SIG_IGN (a shell's background job, nohup, some schedulers start everything so), and such a
+    child would train on until its parent's grace ends in SIGKILL, or finish and end its run
+    FINISHED although the command was stopped."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def interrupt_processes(procs: Sequence[subprocess.Popen], grace_s: float = 60.0) -> None:
     """SIGINT each process still running (a rockcls command ends its runs as KILLED on it), then
     SIGKILL those still alive after ``grace_s`` seconds."""

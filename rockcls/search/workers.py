@@ -18,7 +18,7 @@ import optuna
 from rockcls.core import store, tracking
 from rockcls.core.config import with_overrides
 from rockcls.core.devices import child_device, device_env
-from rockcls.core.processes import interrupt_processes
+from rockcls.core.processes import hear_interrupts, interrupt_processes
 from rockcls.search.pruning import build_pruner
 from rockcls.search.space import StudyPlan, build_sampler, quiet_optuna
 from rockcls.search.storage import build_storage
@@ -88,6 +88,7 @@ def build_worker_parser() -> argparse.ArgumentParser:
 
 def worker_main(argv: list[str] | None = None) -> int:
     args = build_worker_parser().parse_args(argv)
+    hear_interrupts()  # the tune process stops this one with SIGINT
     tracking.set_program("search/tune.py (worker)")
     plan = StudyPlan.from_json(Path(args.plan).read_text())
     run_worker(plan, args.worker, args.device or None)

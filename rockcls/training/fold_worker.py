@@ -8,6 +8,7 @@ import sys
 
 from rockcls.core import tracking
 from rockcls.core.config import TrainConfig, build_config
+from rockcls.core.processes import hear_interrupts
 from rockcls.training.fold import run_fold
 from rockcls.training.plan import build_plan
 from rockcls.training.record import check_run_split
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hear_interrupts()  # the train process stops this one with SIGINT
     tracking.set_program("rockcls train (fold process)")
     cfg = build_config(TrainConfig, {"config": args.config, "device": args.device or None})
     plan = build_plan(cfg, describe=False)
