@@ -4,6 +4,7 @@ run opens; logged with the run; read by every fold."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -119,8 +120,8 @@ def build_plan(cfg: TrainConfig, dist: Dist = SINGLE, *, kind: str = "train", de
     plan = Plan(cfg, index, fold_of, device, resolve_amp(cfg.amp, device), cache, batches, derived, kind=kind,
                 dist=dist)
     plan.check_split(from_main(dist, lambda: plan.split_fingerprint), f"rank {dist.rank}", "rank 0 has")
-    plan.teacher = load_plan_teacher(plan)
-    return plan
+    # the teacher is checked against the split only once the split is known to be every rank's
+    return dataclasses.replace(plan, teacher=load_plan_teacher(cfg, index, plan.split_fingerprint))
 
 
 def check_placement(cfg: TrainConfig, dist: Dist) -> None:
@@ -134,18 +135,16 @@ def check_placement(cfg: TrainConfig, dist: Dist) -> None:
                           "it on the CPU); leave sync_bn off for CPU ranks")
 
 
-def load_plan_teacher(plan: Plan) -> TeacherTargets | None:
-    """The teacher's cached probabilities in this run's row order, checked against its split."""
-    cfg = plan.cfg
+def load_plan_teacher(cfg: TrainConfig, index: DatasetIndex, split: str) -> TeacherTargets | None:
+    """The teacher's cached probabilities in ``index``'s row order, checked against the split."""
     if not cfg.teacher_file:
         if cfg.teacher:
             raise ConfigError("teacher: its probabilities are computed by `rockcls distill` (or `rockcls train "
                               "--teacher`), not here")
         return None
     targets = load_teacher(cfg.teacher_file)
-    check_teacher_split(targets, split_fingerprint=plan.split_fingerprint, classes=plan.index.classes,
-                        folds=cfg.folds, data=cfg.data)
-    return targets.aligned(np.asarray(plan.index.ids))
+    check_teacher_split(targets, split_fingerprint=split, classes=index.classes, folds=cfg.folds, data=cfg.data)
+    return targets.aligned(np.asarray(index.ids))
 
 
 def describe_weights(cfg: TrainConfig, num_classes: int, cache: CacheSettings) -> dict[str, Any]:
