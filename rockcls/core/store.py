@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from rockcls.core import secrets  # noqa: E402
-from rockcls.core.errors import ConfigError, RockclsError, first_line_of  # noqa: E402
+from rockcls.core.errors import ConfigError, RockclsError  # noqa: E402
 
 
 # The pip package that brings each database driver SQLAlchemy may ask for.
@@ -77,7 +77,7 @@ def client() -> MlflowClient:
     try:
         return MlflowClient()  # a database store connects (and creates its tables) here, once per process
     except SQLAlchemyError as exc:
-        detail = first_line_of(secrets.hide(str(getattr(exc, "orig", None) or exc)), fallback=type(exc).__name__)
+        detail = secrets.hidden_first_line(getattr(exc, "orig", None) or exc)
         raise RockclsError(f"tracking store {shown_uri()} cannot be opened: {detail}") from None
 
 

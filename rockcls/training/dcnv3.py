@@ -4,8 +4,8 @@ DCNv3 (Wang et al., CVPR 2023) samples each of ``groups`` channel groups at 3x3 
 learned offsets, and averages the samples with softmax weights over the points. The official code
 needs a custom CUDA kernel; here the sampling runs on one of two stock operators:
 
-- ``grid_sample``: ``F.grid_sample`` gathers every point of every group at once, and a batched
-  matrix product applies the weights;
+- ``grid_sample``: ``F.grid_sample`` gathers every point of every group at once, and a weighted
+  sum over the points applies the softmax weights;
 - ``deform_conv2d``: ``torchvision.ops.deform_conv2d`` as a depthwise convolution with unit
   weights, the groups as offset groups and the softmax weights as its modulation mask.
 
@@ -27,7 +27,6 @@ from torch import nn
 
 KERNEL = 3
 POINTS = KERNEL * KERNEL
-CORE_OPS = ("grid_sample", "deform_conv2d")
 # Measured on the 2-core CPU (docs/internimage.md): grid_sample trains internimage_t faster.
 DEFAULT_CORE_OP = "grid_sample"
 
@@ -112,7 +111,7 @@ CORES: dict[str, Callable[..., torch.Tensor]] = {
 
 def core_fn(name: str) -> Callable[..., torch.Tensor]:
     if name not in CORES:
-        raise ValueError(f"core_op: unknown DCNv3 core {name!r}; choose one of {', '.join(CORE_OPS)}")
+        raise ValueError(f"core_op: unknown DCNv3 core {name!r}; choose one of {', '.join(CORES)}")
     return CORES[name]
 
 

@@ -314,7 +314,7 @@ class FoldTrainer:
 
     def _save_kept(self, kept: torch.nn.Module, epoch: int, **extra: Any) -> Path:
         """The kept weights with what prediction needs to rebuild them (spec, classes, tta)."""
-        path = self.dir / Path(names.FOLD_MODEL).name
+        path = self.dir / record.FOLD_MODEL_NAME
         save_checkpoint({"model": kept.state_dict(), "spec": {**self.spec, "tta": self.cfg.tta},
                          "classes": self.spec["classes"], "epoch": epoch, "fold": self.fold, **extra}, path)
         return path

@@ -248,13 +248,9 @@ def log_missing_epoch(run_id: str, epoch: int, metrics: dict[str, float]) -> Non
         tracking.log_metrics(run_id, metrics, step=epoch)
 
 
-def fold_model_file(path: Path) -> tuple[Path, str]:
-    """The weights a fold run keeps as a `RunUpdate` file, under the artifact name readers look for
-    (`names.FOLD_MODEL`)."""
-    where = Path(names.FOLD_MODEL)
-    if path.name != where.name:
-        raise ValueError(f"fold weights must be written as {where.name}, not {path.name}")
-    return path, str(where.parent)
+# The weights a fold run keeps: written locally under this file name, logged into this folder, so
+# readers find them at `names.FOLD_MODEL`.
+FOLD_MODEL_FOLDER, FOLD_MODEL_NAME = str(Path(names.FOLD_MODEL).parent), Path(names.FOLD_MODEL).name
 
 
 def log_fold_result(plan: Plan, run_id: str, parent_id: str, fold: int, *, model: Path, oof: Path,
@@ -268,7 +264,7 @@ def log_fold_result(plan: Plan, run_id: str, parent_id: str, fold: int, *, model
                             table_file=f"{names.GALLERY_DIR}/{names.HARDEST_OOF}.csv",
                             image_file=f"{names.GALLERY_DIR}/{names.HARDEST_OOF}.png")
     tracking.update_run(run_id, tracking.RunUpdate(
-        files=[fold_model_file(model), (oof, None)], metrics=metrics, tags={names.COMPLETE: "true"},
+        files=[(model, FOLD_MODEL_FOLDER), (oof, None)], metrics=metrics, tags={names.COMPLETE: "true"},
         description=(f"Fold {fold} of train run `{parent_id}`: trained on {train_images} images, validated "
                      f"on {val_images}. Kept epoch {kept_epoch} (select={cfg.select}): **OOF macro-F1 "
                      f"{score:.4f}** (tta {cfg.tta}); per-epoch curves in Model metrics.")))
@@ -279,7 +275,7 @@ def log_full_result(plan: Plan, run_id: str, parent_id: str, *, model: Path, ima
     """The network fitted on every image: its weights, the complete tag and what it is for."""
     cfg = plan.cfg
     tracking.update_run(run_id, tracking.RunUpdate(
-        files=[fold_model_file(model)], tags={names.COMPLETE: "true"},
+        files=[(model, FOLD_MODEL_FOLDER)], tags={names.COMPLETE: "true"},
         description=(f"The network of train run `{parent_id}` fitted on all {images} images with the "
                      f"recipe and {cfg.epochs} epochs of its folds. Nothing was held out: its expected accuracy "
                      f"is the parent's cv_macro_f1. `ensemble` and the registry serve it instead of the "
