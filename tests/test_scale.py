@@ -374,6 +374,25 @@ def test_a_stopped_train_run_stops_its_fold_processes(mlflow_store, tmp_path):
     assert set(folds) <= {"KILLED", "FAILED"}, folds
 
 
+def test_kill_ends_an_in_process_train_run_failed_with_the_reason(mlflow_store, tmp_path):
+    """`kill PID` (SIGTERM) of a train without --devices: Python's default died on the spot and left
+    the train run and its fold run RUNNING for ever; they now end FAILED with the reason."""
+    data = make_dataset(tmp_path / "train", [20, 20, 20], size=40, seed=4)
+    cmd = [sys.executable, "-m", "rockcls", "train",
+           *train_args(data, epochs=400, batch_size=16, backbone="test_efficientnet", num_workers=1)]
+    job = Watched(cmd, store_env(mlflow_store, tmp_path), sigint_ignored=True)
+    job.wait_for(lambda line: "fold 0 epoch 1:" in line, timeout=180)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(60, "train did not end after SIGTERM") == 2
+    assert any(line.startswith("rockcls: error: terminated by SIGTERM") for line in job.lines), job.text[-3000:]
+    assert "Traceback" not in job.text, job.text[-3000:]
+    client = MlflowClient()
+    (parent,) = train_runs(client)
+    assert parent.info.status == "FAILED" and "SIGTERM" in parent.data.tags[names.FAIL_REASON]
+    (fold,) = fold_runs(client, parent.info.run_id).values()
+    assert fold.info.status == "FAILED" and "SIGTERM" in fold.data.tags[names.FAIL_REASON]
+
+
 def test_torchrun_settings_that_cannot_work_are_refused_before_any_collective(mlflow_store, synthetic_dir):
     two = Dist(rank=0, world=2, backend="gloo")  # no process group: a collective would fail
     with pytest.raises(ConfigError, match="sync_bn: SyncBatchNorm works on GPUs only"):

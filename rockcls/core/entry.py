@@ -1,5 +1,7 @@
 """How every command line runs its ``main(argv)``: an error caused by the user's input (and any
-MLflow error) ends as one line on stderr and exit status 2, an interrupt as 130, passwords masked."""
+MLflow error) ends as one line on stderr and exit status 2, an interrupt as 130, passwords masked.
+SIGTERM (``kill PID``, a scheduler stopping the job) ends the command's runs FAILED with the reason
+instead of leaving them RUNNING, and is one line and status 2 too."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import warnings
 from mlflow.exceptions import MlflowException
 
 from rockcls.core.errors import RockclsError
+from rockcls.core.processes import Terminated, sigterm_raises
 from rockcls.core.secrets import hidden_first_line, hide, remember
 
 
@@ -18,8 +21,9 @@ def run_command(fn, argv: list[str]) -> int:
     remember(os.environ.get("MLFLOW_TRACKING_URI", ""))  # a database tracking store may hold a password
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     try:
-        return int(fn(argv) or 0)
-    except RockclsError as exc:
+        with sigterm_raises():
+            return int(fn(argv) or 0)
+    except (RockclsError, Terminated) as exc:
         print(f"rockcls: error: {hide(str(exc))}", file=sys.stderr)
         return 2
     except MlflowException as exc:

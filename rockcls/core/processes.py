@@ -3,12 +3,52 @@ everything it started, and only that."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
-from typing import Sequence
+from typing import Iterator, Sequence
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the process (``kill PID``, a scheduler or container stopping the job;
+    under torchrun, another rank failed). An interrupt, so it travels where Ctrl-C does: no
+    ``except Exception`` swallows it (Optuna's trial loop marks the trial failed and stops), the
+    processes the command started are stopped; unlike Ctrl-C its runs end FAILED with its text as
+    the reason, and the command prints one line and exits with status 2."""
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM (the command was stopped; under torchrun, another rank may have failed)"
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block SIGTERM raises `Terminated` in this process (Python's default is to die on
+    the spot, leaving its runs RUNNING for ever). Processes forked inside the block (data-loader
+    workers) inherit the handler; in them SIGTERM keeps its default meaning."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def _raise(signum, frame) -> None:
+        if os.getpid() != owner:  # a forked child: die as SIGTERM would have made it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        # once: a second SIGTERM (torchrun may repeat it) must not interrupt the clean-up that
+        # ends the runs; SIGKILL is the way to force
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -34,6 +34,7 @@ from rockcls.core.experiments import experiment_id, experiment_name  # noqa: E40
 from rockcls.core.store import client, found, retry, shown_uri  # noqa: E402
 from rockcls.core.config import FALSE_WORDS, TRUE_WORDS  # noqa: E402
 from rockcls.core.errors import RockclsError, RunStopped, first_line  # noqa: E402
+from rockcls.core.processes import Terminated  # noqa: E402
 
 log = logging.getLogger("rockcls")
 
@@ -113,11 +114,12 @@ def reopen_run(run_id: str) -> None:
 def closing(run_id: str, *, finish: bool = True) -> Iterator[str]:
     """End ``run_id`` with the block: FINISHED (unless ``finish`` is false: the caller goes on with
     it); KILLED when interrupted or stopped on purpose (`RunStopped`, e.g. a pruned trial); FAILED
-    otherwise. A run that does not finish keeps its one-line reason in the tag ``rockcls.fail_reason``."""
+    otherwise, SIGTERM (`Terminated`) included. A run that does not finish keeps its one-line reason in the tag ``rockcls.fail_reason``."""
     try:
         yield run_id
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, RunStopped)) else "FAILED"
+        stopped = isinstance(exc, (KeyboardInterrupt, RunStopped)) and not isinstance(exc, Terminated)
+        status = "KILLED" if stopped else "FAILED"
         reason = secrets.hidden_first_line(exc, 500)
         with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
             set_tags(run_id, {names.FAIL_REASON: reason[:500]})

@@ -62,7 +62,7 @@ def launch_workers(plan: StudyPlan, devices: Sequence[str]) -> list[int]:
             log.info("worker %d: pid %d on %s", i, procs[-1].pid, "cpu" if dev == "cpu" else f"GPU {dev}")
         try:
             return [p.wait() for p in procs]
-        except KeyboardInterrupt:
+        except BaseException:  # interrupted, or Terminated by SIGTERM: the workers stop too
             interrupt_processes(procs)
             raise
 

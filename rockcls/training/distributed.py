@@ -16,8 +16,6 @@ import contextlib
 import datetime
 import logging
 import os
-import signal
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -26,6 +24,7 @@ import torch
 import torch.distributed as tdist
 
 from rockcls.core.errors import ConfigError, RockclsError, first_line
+from rockcls.core.processes import sigterm_raises
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600
@@ -33,11 +32,6 @@ DEFAULT_TIMEOUT_S = 600
 
 class RankLost(RockclsError):
     """A collective failed or timed out: another rank died or stopped answering."""
-
-
-class Terminated(RockclsError):
-    """SIGTERM reached the process (torchrun stops every rank when one fails; a scheduler stops a
-    job): its runs end FAILED with the reason, its child processes are stopped, one line is printed."""
 
 
 @dataclass(frozen=True)
@@ -117,25 +111,6 @@ def session(device: str) -> Iterator[Dist]:
                 tdist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Inside the block SIGTERM raises `Terminated`, so the runs it opened end FAILED with that
-    reason instead of staying RUNNING (Python's default is to die on the spot)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _raise_terminated(signum, frame) -> None:
-    # Once: a second SIGTERM (torchrun may repeat it) must not interrupt the clean-up that ends
-    # the runs FAILED; SIGKILL is the way to force.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Terminated("terminated by SIGTERM (under torchrun: another rank failed, or the job was stopped)")
 
 
 @contextlib.contextmanager

@@ -27,8 +27,7 @@ from rockcls.core import store
 from rockcls.core.config import TrainConfig, save_yaml
 from rockcls.core.devices import child_device, device_env
 from rockcls.core.errors import RockclsError
-from rockcls.core.processes import interrupt_processes
-from rockcls.training.distributed import sigterm_raises
+from rockcls.core.processes import interrupt_processes, sigterm_raises
 from rockcls.training.fold_runs import fail_fold_run, find_fold_run, finished_fold_result, load_fold_result
 
 log = logging.getLogger("rockcls")
