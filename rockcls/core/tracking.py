@@ -114,7 +114,8 @@ def reopen_run(run_id: str) -> None:
 def closing(run_id: str, *, finish: bool = True) -> Iterator[str]:
     """End ``run_id`` with the block: FINISHED (unless ``finish`` is false: the caller goes on with
     it); KILLED when interrupted or stopped on purpose (`RunStopped`, e.g. a pruned trial); FAILED
-    otherwise, SIGTERM (`Terminated`) included. A run that does not finish keeps its one-line reason in the tag ``rockcls.fail_reason``."""
+    otherwise, SIGTERM (`Terminated`) included. A run that does not finish keeps its one-line
+    reason in the tag ``rockcls.fail_reason``."""
     try:
         yield run_id
     except BaseException as exc:
