@@ -1022,6 +1022,34 @@ def test_study_over_two_backbones_trains_both_and_ensembles_them(mlflow_store, d
             in capsys.readouterr().err)
 
 
+def test_the_study_ensemble_takes_the_best_trial_of_each_backbone_first_then_the_rest_by_score():
+    from rockcls.search.report import ensemble_trials
+
+    def trial(number, value, backbone=None, state=TrialState.COMPLETE, run=True):
+        params = {"lr": 1e-3} if backbone is None else {"backbone": backbone, "lr": 1e-3}
+        dists = {k: (optuna.distributions.CategoricalDistribution(["a", "b", "c"]) if k == "backbone"
+                     else optuna.distributions.FloatDistribution(1e-4, 1e-2)) for k in params}
+        t = optuna.trial.create_trial(state=state, value=value if state == TrialState.COMPLETE else None,
+                                      params=params, distributions=dists,
+                                      user_attrs={search_bookkeeping.RUN_ID: f"run{number}"} if run else {})
+        t.number = number
+        return t
+
+    # the Lithology study's shape: the top 3 by score are one backbone
+    study = [trial(0, 0.8245, "a"), trial(1, 0.8329, "b"), trial(2, 0.8276, "b"), trial(3, 0.8266, "b"),
+             trial(4, 0.8223, "a"), trial(5, None, "b", state=TrialState.PRUNED), trial(6, 0.99, "c", run=False)]
+    assert [t.number for t in ensemble_trials(study, 3)] == [1, 0, 2]
+    assert [t.number for t in ensemble_trials(study, 1)] == [1]
+    assert [t.number for t in ensemble_trials(study, 10)] == [1, 0, 2, 3, 4]  # no pruned, no run-less trial
+    # more backbones than K: the best trial of the K best backbones
+    three = study[:5] + [trial(7, 0.80, "c")]
+    assert [t.number for t in ensemble_trials(three, 2)] == [1, 0]
+    assert [t.number for t in ensemble_trials(three, 4)] == [1, 0, 7, 2]
+    # no searched backbone: the plain top K
+    plain = [trial(0, 0.5), trial(1, 0.7), trial(2, 0.6)]
+    assert [t.number for t in ensemble_trials(plain, 2)] == [1, 2]
+
+
 def test_mlproject_tune_passes_the_pruner_and_its_p_threshold_and_an_empty_one_means_the_default():
     from mlflow.projects import _project_spec
 

@@ -57,7 +57,8 @@ class TuneConfig:
     devices: str = option("", "GPU ids, one worker process each (e.g. 0,1,2,3); 'cpu' entries add CPU workers; "
                             "empty = one worker in this process")
     timeout: float = option(0.0, "seconds after which workers start no new trial; 0 = no limit", min=0.0)
-    top_k: int = option(3, "best trials ensembled at the end; 0 = no ensemble", min=0)
+    top_k: int = option(3, "best trials ensembled at the end (with --search-backbone the best of each backbone "
+                           "first); 0 = no ensemble", min=0)
     register: str = option("rockcls", "registered model name of the ensemble; empty = do not register")
     search_lr: str = option("auto", f"lr range LOW:HIGH (log scale) or choices A,B; auto = the automatic lr "
                                     f"/{AUTO_LR_SPAN[0]:g} to x{AUTO_LR_SPAN[1]:g} (scratch or pretrained, see "
