@@ -179,7 +179,7 @@ def ensemble_best_trials(study: optuna.Study, plan: StudyPlan, outcome: StudyOut
     """Weighted soft voting of the top-K completed trials (`ensemble_trials`: the best of each
     searched backbone first), with the ensemble entry point's fit and cross-fitted score, logged
     under the study run and registered if asked."""
-    chosen = ensemble_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), plan.tune.top_k)
+    chosen = ensemble_trials(study.get_trials(deepcopy=False), plan.tune.top_k)  # it keeps the completed ones
     run_ids = [t.user_attrs[RUN_ID] for t in chosen]
     members = ensemble.load_members(run_ids)
     fit = ensemble.fit_ensemble(members, bias=True, seed=plan.base.seed)
